@@ -1,0 +1,108 @@
+"""The three ways a controlled processor computes attention, all on ``[B, H, S, D]`` tensors.
+
+- dense: no bias and nobody needs the probabilities -> the same SDPA / dispatcher call as the stock processor;
+- bias: an additive logit bias (region masks, modulation) -> SDPA with a float ``attn_mask``;
+- explicit: a control edits or observes the probabilities -> softmax(QK^T * scale + bias) in fp32, then P @ V.
+
+Rows whose every key is masked (bias ``-inf`` everywhere) give zeros, never NaN, on every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ProbsHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _dispatch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    backend: object | None,
+    parallel_config: object | None,
+) -> torch.Tensor:
+    if backend is None and parallel_config is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    # diffusers' dispatcher takes [B, S, H, D]; transposes are views, so no copy is made.
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=attn_mask,
+        scale=scale,
+        backend=backend,
+        parallel_config=parallel_config,
+    )
+    return out.transpose(1, 2)
+
+
+def fully_masked_rows(bias: torch.Tensor) -> torch.Tensor | None:
+    """Boolean ``[..., Q, 1]`` marking query rows whose every key is ``-inf``; ``None`` when there are none."""
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    return dead if bool(dead.any()) else None
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    probs_hook: ProbsHook | None = None,
+    backend: object | None = None,
+    parallel_config: object | None = None,
+) -> torch.Tensor:
+    """Attention over ``[B, H, S, D]`` tensors with an optional additive ``bias`` and probability hook.
+
+    Args:
+        query, key, value: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, ``[B, H, Sk, Dv]``.
+        scale: logit scale; ``None`` means ``D ** -0.5`` as in SDPA.
+        bias: float tensor broadcastable to ``[B, H, Sq, Sk]``; ``-inf`` masks a key.
+        probs_hook: called with the fp32 probabilities ``[B, H, Sq, Sk]``; returns the probabilities to use. Forces
+            the explicit path.
+        backend, parallel_config: forwarded to diffusers' attention dispatcher on the dense and bias paths.
+
+    Returns:
+        ``[B, H, Sq, Dv]`` in the dtype of ``query``.
+    """
+    dead = fully_masked_rows(bias) if bias is not None else None
+    if dead is not None:
+        bias = bias.masked_fill(dead, 0.0)
+
+    if probs_hook is None:
+        if bias is not None:
+            bias = bias.to(query.dtype)
+        out = _dispatch(query, key, value, bias, scale, backend, parallel_config)
+    else:
+        probs = attention_probs(query, key, scale=scale, bias=bias)
+        if dead is not None:
+            probs = probs.masked_fill(dead, 0.0)
+        probs = probs_hook(probs)
+        out = torch.matmul(probs, value.float()).to(query.dtype)
+
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
+    return out
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + bias) in fp32, ``[B, H, Sq, Sk]``: the reference the other paths must match."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)
