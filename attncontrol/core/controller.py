@@ -26,6 +26,7 @@ from attncontrol.core.errors import ControllerStateError, ProcessorsOverwrittenE
 from attncontrol.core.layers import LayerInfo, LayerSpec, discover_layers, make_layer_filter, model_family
 from attncontrol.core.processors import PROCESSOR_CLASSES, ControlledProcessor
 from attncontrol.core.state import BatchLayout, StepState
+from attncontrol.core.tokens import TokenSelector, token_indices
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,21 @@ class AttentionController:
         for control in self.controls:
             control.reset()
 
+    def token_indices(self, prompt: str, selector: TokenSelector, *, name: str = "selector") -> list[int]:
+        """Positions of ``selector`` (words, phrases or indices) in the text sequence this model attends to.
+
+        Flux attends to T5 tokens only (``tokenizer_2``); SD3's sequence starts with the 77 CLIP tokens, whose
+        positions are returned; UNets use ``tokenizer``.
+        """
+        attribute = "tokenizer_2" if self.family == "flux" else "tokenizer"
+        tokenizer = getattr(self.pipeline, attribute, None)
+        if tokenizer is None:
+            raise ControllerStateError(
+                f"the controller was built on a bare model, so it has no `{attribute}`; build it on the pipeline or "
+                "call attncontrol.token_indices(tokenizer, prompt, selector) yourself"
+            )
+        return token_indices(tokenizer, prompt, selector, name=name)
+
     # ------------------------------------------------------------------ state feeding
     def set_step(self, index: int, timestep: float | None = None, num_steps: int | None = None) -> None:
         """Tell the controller which step comes next (used by attncontrol's own pipelines)."""
@@ -192,7 +208,7 @@ class AttentionController:
                 raise ProcessorsOverwrittenError(
                     f"attention layer {processor.layer.name!r} now runs {type(module.processor).__name__} instead of "
                     "attncontrol's processor, so its controls would be silently ignored. Something replaced the "
-                    "processors after install (enable_xformers_memory_efficient_attention, set_default_attn_processor, "
+                    "processors after install (enable_xformers_memory_efficient_attention, enable_attention_slicing, "
                     "set_attn_processor...): call controller.remove() and install() again afterwards."
                 )
 

@@ -1,0 +1,5 @@
+import sys
+
+from attncontrol.cli import main
+
+sys.exit(main())

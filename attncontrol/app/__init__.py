@@ -1,0 +1,1 @@
+"""The Gradio editing app (``pip install attncontrol[app]``)."""

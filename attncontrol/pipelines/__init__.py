@@ -1,0 +1,1 @@
+"""Ready diffusers pipelines built on the controls; each restores the original processors, also on exceptions."""
