@@ -23,6 +23,14 @@ Box = Sequence[float]
 MaskLike = Union[Image.Image, np.ndarray, torch.Tensor, Box]  # noqa: UP007 - a runtime alias, kept readable
 
 
+def _mean_keeping_dtype(array: np.ndarray) -> np.ndarray:
+    """Channel mean that keeps uint8 masks in 0..255 (so they are still scaled, not rejected as floats > 1)."""
+    mean = array.mean(axis=-1)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return mean.round().astype(array.dtype)
+    return mean
+
+
 def _channels_to_plane(array: np.ndarray, name: str) -> np.ndarray:
     """[H, W, C] -> [H, W]: alpha when it carries information, else the mean of the colour channels."""
     channels = array.shape[-1]
@@ -32,9 +40,9 @@ def _channels_to_plane(array: np.ndarray, name: str) -> np.ndarray:
         alpha = array[..., -1]
         if np.any(alpha != alpha.max()) or alpha.max() == 0:
             return alpha
-        return array[..., :-1].mean(axis=-1)
+        return _mean_keeping_dtype(array[..., :-1])
     if channels == 3:
-        return array.mean(axis=-1)
+        return _mean_keeping_dtype(array)
     raise MaskError(f"`{name}` has {channels} channels in its last axis; expected 1, 3 or 4 (or a 2-D mask)")
 
 

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from attncontrol import TokenIndexError, token_indices
+from attncontrol.testing import clip_tokenizer, t5_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return clip_tokenizer()
+
+
+def test_clip_tokenizer_is_the_real_bpe(tokenizer):
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_words_and_phrases_map_to_positions(tokenizer):
+    prompt = "a red circle and a blue square"
+    assert token_indices(tokenizer, prompt, "red") == [2]
+    assert token_indices(tokenizer, prompt, "blue square") == [6, 7]
+    assert token_indices(tokenizer, prompt, "a") == [1, 5]
+    assert token_indices(tokenizer, prompt, ["red", 3]) == [2, 3]
+
+
+def test_index_outside_the_prompt_is_an_error(tokenizer):
+    with pytest.raises(TokenIndexError, match=r"`token` index 6 is outside the prompt 'a red circle'.*0\.\.4"):
+        token_indices(tokenizer, "a red circle", 6)
+    with pytest.raises(TokenIndexError, match="phrase 'green' does not occur"):
+        token_indices(tokenizer, "a red circle", "green")
+
+
+def test_t5_tokenizer_works_offline():
+    ids = t5_tokenizer()("a red circle").input_ids
+    assert ids[-1] == 1 and 2 not in ids  # ends with </s>, no unknown pieces
+    assert token_indices(t5_tokenizer(), "a red circle", "red") == [1]

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from attncontrol.cli import main
+
+
+def test_generate_writes_image_heatmaps_and_settings(tmp_path):
+    output = tmp_path / "run" / "image.png"
+    code = main(["generate", "a red circle", "--steps", "2", "--height", "32", "--width", "48",
+                 "--heatmap", "red", "-o", str(output)])
+    assert code == 0
+    image = Image.open(output)
+    assert image.size == (48, 32)
+    heat = Image.open(output.with_name("image_heatmap_red.png"))
+    assert heat.size == image.size
+    settings = json.loads(output.with_suffix(".json").read_text())
+    assert settings["heatmaps"] == {"red": [2]} and settings["seed"] == 0
+
+
+def test_unknown_heatmap_word_fails_before_generating(tmp_path, caplog):
+    output = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--heatmap", "green", "-o", str(output)]) == 1
+    assert "--heatmap" in caplog.text and "green" in caplog.text
+    assert not output.exists()
