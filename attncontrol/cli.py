@@ -90,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--heatmap", action="append", default=[], metavar="WORD",
-                     help="save a cross-attention heat map of WORD (repeatable)")
+    gen.add_argument(
+        "--heatmap",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="save a cross-attention heat map of WORD (repeatable)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument("-o", "--output", default="outputs/attncontrol.png", help="image path; maps and JSON go beside it")
     gen.set_defaults(func=generate)

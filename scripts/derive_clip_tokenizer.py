@@ -30,7 +30,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def main() -> None:
@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
 
-    lines = gzip.open(args.bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(args.bpe_gz, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["".join(m) for m in merges]

@@ -9,8 +9,22 @@ from attncontrol.cli import main
 
 def test_generate_writes_image_heatmaps_and_settings(tmp_path):
     output = tmp_path / "run" / "image.png"
-    code = main(["generate", "a red circle", "--steps", "2", "--height", "32", "--width", "48",
-                 "--heatmap", "red", "-o", str(output)])
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--heatmap",
+            "red",
+            "-o",
+            str(output),
+        ]
+    )
     assert code == 0
     image = Image.open(output)
     assert image.size == (48, 32)

@@ -97,6 +97,8 @@ class AttentionController:
         self._hook_handle: torch.utils.hooks.RemovableHandle | None = None
         self._forward_signature = inspect.signature(self.model.forward)
         self._warned_unknown_timestep = False
+        self._schedule_source: object | None = None
+        self._schedule: list[float] = []
 
     # ------------------------------------------------------------------ install / remove
     @property
@@ -232,8 +234,10 @@ class AttentionController:
             raise ValueError("the Flux transformer was called without `img_ids`; attncontrol needs them for the grid")
         if ids.ndim == 3:
             ids = ids[0]
-        ids = ids[ids[:, 0] == 0] if ids.shape[-1] == 3 else ids
-        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        if ids.shape[-1] == 3 and bool((ids[:, 0] != 0).any()):
+            ids = ids[ids[:, 0] == 0]  # extra image tokens (reference images) carry a non-zero first id
+        height, width = ids[:, 1:3].amax(0).tolist()
+        return int(height) + 1, int(width) + 1
 
     def _update_step(self, timestep: Any) -> None:
         if timestep is None:
@@ -245,8 +249,8 @@ class AttentionController:
             index = self.step.index
             if index is None and not self._warned_unknown_timestep:
                 logger.warning(
-                    "timestep %s is not in the scheduler's schedule; step-restricted controls stay inactive unless "
-                    "the step is fed with controller.set_step() or callback_on_step_end=controller.callback_on_step_end",
+                    "timestep %s is not in the scheduler's schedule; step-restricted controls stay inactive unless the "
+                    "step is fed by controller.set_step() or callback_on_step_end=controller.callback_on_step_end",
                     value,
                 )
                 self._warned_unknown_timestep = True
@@ -256,14 +260,16 @@ class AttentionController:
         schedule = getattr(self.scheduler, "timesteps", None)
         if schedule is None or len(schedule) == 0:
             return None, None
-        schedule = torch.as_tensor(schedule, dtype=torch.float64).flatten()
+        # Pipelines set a new timesteps tensor per generation; convert it once, not on every denoiser call.
+        if self._schedule_source is not schedule:
+            self._schedule_source = schedule
+            self._schedule = [float(t) for t in torch.as_tensor(schedule).flatten().tolist()]
         # Flow-matching pipelines (Flux, SD3) pass timestep / 1000 to the transformer.
         for divisor in (1.0, 1000.0):
-            distance = (schedule / divisor - value).abs()
-            index = int(distance.argmin())
-            if float(distance[index]) <= 1e-4 * max(1.0, abs(value)):
-                return index, len(schedule)
-        return None, len(schedule)
+            index = min(range(len(self._schedule)), key=lambda i: abs(self._schedule[i] / divisor - value))
+            if abs(self._schedule[index] / divisor - value) <= 1e-4 * max(1.0, abs(value)):
+                return index, len(self._schedule)
+        return None, len(self._schedule)
 
     def _layout_for(self, batch_size: int) -> BatchLayout:
         if self._explicit_layout is not None:

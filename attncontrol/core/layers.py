@@ -93,10 +93,7 @@ def make_layer_filter(spec: LayerSpec, *, argument: str = "layers") -> LayerFilt
             raise TypeError(f"`{argument}` entries must be strings, got {type(pattern).__name__}: {pattern!r}")
 
     def matches(layer: LayerInfo) -> bool:
-        for pattern in patterns:
-            if pattern in (layer.kind, layer.block) or fnmatch(layer.name, pattern):
-                return True
-        return False
+        return any(pattern in (layer.kind, layer.block) or fnmatch(layer.name, pattern) for pattern in patterns)
 
     return matches
 

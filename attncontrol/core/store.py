@@ -230,12 +230,16 @@ class AttentionStore(AttentionControl):
     ) -> Image.Image:
         """A heat-map picture of ``tokens`` for batch row ``row``, over ``image`` when given.
 
-        The map is upsampled (bicubic) to the image size, or to ``size`` (height, width) without an image.
+        The map is upsampled (bicubic) to the image size, or to ``size`` (height, width) without an image, and
+        stretched to the full colour range (min-max), so where a token is attended *more* stands out even when
+        attention is spread thinly.
         """
-        heat = self.token_map(tokens, layers=layers, steps=steps)[row]
+        heat = self.token_map(tokens, layers=layers, steps=steps, normalize=False)[row].detach().float().cpu()
         out_size = (image.height, image.width) if image is not None else (size or tuple(heat.shape))
         heat = F.interpolate(heat[None, None], size=out_size, mode="bicubic", align_corners=False)[0, 0]
-        colored = Image.fromarray(colorize(heat.clamp(0, 1).detach().cpu().numpy()))
+        low, high = float(heat.min()), float(heat.max())
+        heat = (heat - low) / max(high - low, 1e-12)
+        colored = Image.fromarray(colorize(heat.clamp(0, 1).numpy()))
         if image is None:
             return colored
         return Image.blend(image.convert("RGB"), colored, alpha)

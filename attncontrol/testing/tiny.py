@@ -227,7 +227,7 @@ def tiny_flux_pipeline(seed: int = 0):
 
 
 def tiny_sd3_pipeline(seed: int = 0):
-    """SD3.5-shaped ``StableDiffusion3Pipeline``: joint blocks (image first) with qk RMS-norm and a dual-attention layer."""
+    """SD3.5-shaped ``StableDiffusion3Pipeline``: joint blocks (image first), qk RMS-norm, one dual-attention layer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 

@@ -64,4 +64,4 @@ def test_low_precision_keeps_fp32_softmax(dtype):
     out = attention(q, k, v, probs_hook=lambda p: p)
     assert out.dtype == dtype
     # Only the final rounding to the low-precision dtype may differ from the fp32 computation.
-    assert torch.allclose(out.float(), expected, rtol=2 ** -7, atol=1e-2)
+    assert torch.allclose(out.float(), expected, rtol=2**-7, atol=1e-2)

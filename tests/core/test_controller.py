@@ -14,8 +14,8 @@ from attncontrol import (
     ControllerStateError,
     ProcessorsOverwrittenError,
     RowRole,
-    UnsupportedModelError,
     UNetAttnProcessor,
+    UnsupportedModelError,
     apply_attention_control_,
 )
 from tests.conftest import call_kwargs, tiny_pipeline
