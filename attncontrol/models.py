@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,18 +10,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _builtin_models() -> dict[str, Callable[[], Any]]:
-    from attncontrol.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
-
-    return {
-        "tiny-sd": tiny_sd_pipeline,
-        "tiny-sdxl": tiny_sdxl_pipeline,
-        "tiny-flux": tiny_flux_pipeline,
-        "tiny-sd3": tiny_sd3_pipeline,
-    }
-
-
-BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3")
+# Name -> factory in attncontrol.testing (imported lazily: diffusers and transformers are slow to import).
+BUILTIN_MODELS = {
+    "tiny-sd": "tiny_sd_pipeline",
+    "tiny-sdxl": "tiny_sdxl_pipeline",
+    "tiny-flux": "tiny_flux_pipeline",
+    "tiny-sd3": "tiny_sd3_pipeline",
+}
 # The random-weight SD-shaped model until a trained built-in model ships; it shows the machinery, not pictures.
 DEFAULT_MODEL = "tiny-sd"
 
@@ -33,7 +27,9 @@ def load_pipeline(model: str | None = None, *, torch_dtype: torch.dtype | None =
 
     name = model or DEFAULT_MODEL
     if name in BUILTIN_MODELS:
-        pipeline = _builtin_models()[name]()
+        from attncontrol import testing
+
+        pipeline = getattr(testing, BUILTIN_MODELS[name])()
         if torch_dtype is not None:
             pipeline = pipeline.to(torch_dtype=torch_dtype)
     else:

@@ -14,7 +14,7 @@ Controls compose: several run in one processor in one denoiser pass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class AttentionCall:
     key_segments: dict[str, slice]
     heads: int
     scale: float
-    extras: dict[str, object] = field(default_factory=dict)
 
     @property
     def image_tokens(self) -> int:

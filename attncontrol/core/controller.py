@@ -110,6 +110,12 @@ class AttentionController:
         if self.installed:
             raise ControllerStateError("this AttentionController is already installed; call remove() first")
         current = self.model.attn_processors
+        foreign = [key.removesuffix(".processor") for key, p in current.items() if isinstance(p, ControlledProcessor)]
+        if foreign:
+            raise ControllerStateError(
+                f"another AttentionController is installed on this model (layer {foreign[0]!r} runs its processor); "
+                "add your controls to that controller with add(), or remove() it first"
+            )
         # Re-describe the model now: processors may have changed since construction.
         self.layers = discover_layers(self.model, allow=PROCESSOR_CLASSES.values())
         processor_cls = PROCESSOR_CLASSES[self.family]

@@ -231,6 +231,11 @@ def test_install_and_remove_twice_are_errors(sd_pipe):
         controller.install()
 
 
+def test_a_second_controller_on_the_same_model_is_refused(sd_pipe):
+    with AttentionController(sd_pipe), pytest.raises(ControllerStateError, match="another AttentionController"):
+        AttentionController(sd_pipe).install()
+
+
 def test_unknown_timestep_warns_once(sd_pipe, caplog):
     recorder = Recorder(steps=(0, 10))
     with caplog.at_level(logging.WARNING), AttentionController(sd_pipe, [recorder], scheduler=object()):
