@@ -70,6 +70,27 @@ def generate(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def bench(args: argparse.Namespace) -> list[Path]:
+    """Score a model on the shapes world; print the markdown table and save images + JSON."""
+    from attncontrol.shapes.bench import run_bench
+
+    pipe = load_pipeline(args.model, device=args.device)
+    extra = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+    report = run_bench(
+        pipe,
+        model_name=args.model or DEFAULT_MODEL,
+        tasks=args.task or ["single", "two"],
+        num_seeds=args.num_seeds,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        extra_call_kwargs=extra,
+    )
+    print(report.markdown())
+    return [Path(args.out) / "report.md", Path(args.out) / "report.json"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attncontrol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
@@ -100,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("-o", "--output", default="outputs/attncontrol.png", help="image path; maps and JSON go beside it")
     gen.set_defaults(func=generate)
+
+    bench_parser = commands.add_parser("bench", help="score a model on the shapes-world prompt suite")
+    bench_parser.add_argument("--model", default=None, help=f"as for generate (default: {DEFAULT_MODEL})")
+    bench_parser.add_argument(
+        "--task", action="append", default=None, help="task to run (repeatable; default: single and two)"
+    )
+    bench_parser.add_argument("--num-seeds", type=int, default=17, help="seeds per prompt (default: 17)")
+    bench_parser.add_argument("--steps", type=int, default=25)
+    bench_parser.add_argument("--guidance-scale", type=float, default=5.0)
+    bench_parser.add_argument("--batch-size", type=int, default=16)
+    bench_parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 length for Flux/SD3 models")
+    bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument("--out", default="outputs/bench", help="folder for images, report.json and report.md")
+    bench_parser.set_defaults(func=bench)
     return parser
 
 

@@ -39,3 +39,11 @@ def test_unknown_heatmap_word_fails_before_generating(tmp_path, caplog):
     assert main(["generate", "a red circle", "--heatmap", "green", "-o", str(output)]) == 1
     assert "--heatmap" in caplog.text and "green" in caplog.text
     assert not output.exists()
+
+
+def test_bench_command_prints_and_saves_a_report(tmp_path, capsys):
+    code = main(["bench", "--task", "single", "--num-seeds", "1", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| single object |" in printed and "| 12 |" in printed
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["total"] == 12

@@ -1,0 +1,112 @@
+"""The bench scores real pixels: a pipeline that draws its prompt scores 100%, one that draws wrong scores 0%."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attncontrol.shapes import ObjectSpec, render
+from attncontrol.shapes.bench import (
+    objects_present,
+    run_bench,
+    single_object_cases,
+    two_object_cases,
+    wilson_interval,
+)
+from attncontrol.shapes.detector import detect
+from tests.conftest import tiny_pipeline
+
+
+class RenderingPipeline:
+    """Stands in for a perfect (or colour-blind) text-to-image model: parses the prompt and renders it."""
+
+    def __init__(self, swap_colors: bool = False):
+        self.swap_colors = swap_colors
+        self.calls = []
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, generator, height, width, **kwargs):
+        self.calls.append((list(prompt), kwargs))
+        images = []
+        for text, gen in zip(prompt, generator, strict=True):
+            objects = re.findall(r"a (red|green|blue|yellow) (circle|square|triangle)", text)
+            rng = np.random.default_rng(gen.initial_seed())
+            specs = []
+            for index, (color, shape) in enumerate(objects):
+                if self.swap_colors:
+                    color = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "red"}[color]
+                x = 16 + 32 * index if len(objects) == 2 else float(rng.uniform(20, 44))
+                specs.append(ObjectSpec(color, shape, x, 32, 9))
+            images.append(Image.fromarray(render(specs).image))
+        return SimpleNamespace(images=images)
+
+
+def test_suites_have_the_promised_sizes():
+    single = single_object_cases(17)
+    assert len(single) == 204 and len({case.prompt for case in single}) == 12
+    two = two_object_cases(5)
+    assert len({case.prompt for case in two}) == 24
+    assert all(a[0] != b[0] for case in two for a, b in [case.expected])
+
+
+def test_a_perfect_renderer_scores_everything_and_files_are_written(tmp_path):
+    pipe = RenderingPipeline()
+    report = run_bench(pipe, num_seeds=2, batch_size=5, out_dir=tmp_path, progress=False)
+    assert [(row.task, row.successes, row.total) for row in report.rows] == [
+        ("single object", 24, 24),
+        ("two objects", 48, 48),
+    ]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert len(saved["records"]) == 72
+    first = saved["records"][0]
+    # The stored detections are what the detector finds in the saved image: scores come from pixels.
+    redetected = detect(Image.open(tmp_path / first["image_path"]))
+    assert [(d.color, d.shape) for d in redetected] == [(d["color"], d["shape"]) for d in first["detected"]]
+    assert "| single object | 24 | 24 | 100.0% |" in (tmp_path / "report.md").read_text()
+    assert pipe.calls[0][1]["num_inference_steps"] == 25
+
+
+def test_a_colour_blind_renderer_scores_nothing():
+    report = run_bench(RenderingPipeline(swap_colors=True), tasks=["single"], num_seeds=1, progress=False)
+    assert report.rows[0].successes == 0
+
+
+def test_objects_must_be_distinct_to_count_twice():
+    image = render([ObjectSpec("red", "circle", 20, 32, 8)]).image
+    assert objects_present(detect(image), [("red", "circle")])
+    assert not objects_present(detect(image), [("red", "circle"), ("red", "circle")])
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(90, 100)
+    assert low == pytest.approx(0.8256, abs=1e-3) and high == pytest.approx(0.9448, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_small_bench_on_a_real_pipeline(tmp_path):
+    report = run_bench(
+        tiny_pipeline("sd"),
+        model_name="tiny-sd",
+        tasks=["single"],
+        num_seeds=1,
+        num_inference_steps=2,
+        batch_size=12,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    (row,) = report.rows
+    assert row.total == 12 and 0 <= row.successes <= 12
+    assert len(list((tmp_path / "images" / "single").glob("*.png"))) == 12
+    assert all(Image.open(tmp_path / r.image_path).size == (64, 64) for r in report.records)
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="unknown bench task"):
+        run_bench(RenderingPipeline(), tasks=["three"])
