@@ -14,7 +14,7 @@ import torch
 from attncontrol import __version__
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.store import AttentionStore
-from attncontrol.models import BUILTIN_MODELS, DEFAULT_MODEL, load_pipeline
+from attncontrol.models import available_models, default_model, load_pipeline
 
 logger = logging.getLogger("attncontrol.cli")
 
@@ -54,7 +54,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         written.append(path)
 
     settings = {
-        "model": args.model or DEFAULT_MODEL,
+        "model": args.model or default_model(),
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
@@ -78,7 +78,7 @@ def bench(args: argparse.Namespace) -> list[Path]:
     extra = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
     report = run_bench(
         pipe,
-        model_name=args.model or DEFAULT_MODEL,
+        model_name=args.model or default_model(),
         tasks=args.task or ["single", "two"],
         num_seeds=args.num_seeds,
         num_inference_steps=args.steps,
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=None,
-        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), a local diffusers folder or a hub id "
-        f"(default: {DEFAULT_MODEL})",
+        help=f"a name ({', '.join(available_models())}), a local diffusers folder or a hub id "
+        f"(default: {default_model()})",
     )
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=generate)
 
     bench_parser = commands.add_parser("bench", help="score a model on the shapes-world prompt suite")
-    bench_parser.add_argument("--model", default=None, help=f"as for generate (default: {DEFAULT_MODEL})")
+    bench_parser.add_argument("--model", default=None, help=f"as for generate (default: {default_model()})")
     bench_parser.add_argument(
         "--task", action="append", default=None, help="task to run (repeatable; default: single and two)"
     )

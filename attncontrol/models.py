@@ -1,39 +1,56 @@
-"""Where pipelines come from: the built-in models by name, anything else through ``from_pretrained``."""
+"""Where pipelines come from: shipped and tiny models by name, anything else through ``from_pretrained``."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-
-# Name -> factory in attncontrol.testing (imported lazily: diffusers and transformers are slow to import).
-BUILTIN_MODELS = {
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
+# Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights).
+SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd"}
+# Random-weight tiny models of every family: they exercise the machinery, their pictures are noise.
+TINY_MODELS = {
     "tiny-sd": "tiny_sd_pipeline",
     "tiny-sdxl": "tiny_sdxl_pipeline",
     "tiny-flux": "tiny_flux_pipeline",
     "tiny-sd3": "tiny_sd3_pipeline",
 }
-# The random-weight SD-shaped model until a trained built-in model ships; it shows the machinery, not pictures.
-DEFAULT_MODEL = "tiny-sd"
+
+
+def available_models() -> list[str]:
+    """Names ``load_pipeline`` resolves without a path: shipped models present in this install, then tiny ones."""
+    shipped = [name for name, path in SHIPPED_MODELS.items() if (path / "model_index.json").exists()]
+    return shipped + list(TINY_MODELS)
+
+
+def default_model() -> str:
+    """The shipped SD-architecture shapes model when this install has it, else the tiny random one."""
+    return available_models()[0]
 
 
 def load_pipeline(model: str | None = None, *, torch_dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
-    """A ready pipeline: a built-in name (``tiny-sd``...), a local diffusers folder, or a hub id (needs network)."""
+    """A ready pipeline from a name (:func:`available_models`), a local diffusers folder, or a hub id.
+
+    Shipped models store fp16 weights; they load in ``torch_dtype`` (default float32, the CPU-friendly choice).
+    """
     from diffusers import DiffusionPipeline
 
-    name = model or DEFAULT_MODEL
-    if name in BUILTIN_MODELS:
+    name = model or default_model()
+    if name in TINY_MODELS:
         from attncontrol import testing
 
-        pipeline = getattr(testing, BUILTIN_MODELS[name])()
+        pipeline = getattr(testing, TINY_MODELS[name])()
         if torch_dtype is not None:
             pipeline = pipeline.to(torch_dtype=torch_dtype)
     else:
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        pipeline = DiffusionPipeline.from_pretrained(name, **kwargs)
+        source = SHIPPED_MODELS.get(name, name)
+        if name in SHIPPED_MODELS and not (Path(source) / "model_index.json").exists():
+            raise FileNotFoundError(f"the shipped model {name!r} is not in this install ({source})")
+        pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype or torch.float32)
     logger.info("loaded %s (%s)", name, type(pipeline).__name__)
     return pipeline.to(device)

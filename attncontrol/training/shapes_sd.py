@@ -19,12 +19,9 @@ default device here.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -35,9 +32,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attncontrol.shapes.bench import objects_present, single_object_cases
-from attncontrol.shapes.detector import detect
-from attncontrol.shapes.scenes import SceneGenerator, to_tensor
+from attncontrol.training.common import (
+    ema_update,
+    load_checkpoint,
+    parse_config,
+    probe_single_objects,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    warmup_cosine,
+)
+from attncontrol.training.shapes_vae import encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_sd")
 
@@ -72,22 +77,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-
-
 def build_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -148,142 +137,7 @@ def inference_scheduler():
     )
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-# ---------------------------------------------------------------------------------------------------- probes
-@torch.no_grad()
-def vae_round_trip_accuracy(vae, num_scenes: int = 200, seed: int = 10_000) -> tuple[float, float]:
-    """Share of objects the detector still reads right after encode -> decode, and mean abs pixel error /255."""
-    vae.eval()
-    scenes = SceneGenerator(seed).batch(0, num_scenes)
-    right = total = 0
-    errors = []
-    for start in range(0, num_scenes, 50):
-        chunk = scenes[start : start + 50]
-        images = to_tensor(chunk)
-        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
-        pixels = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        errors.append(np.abs(pixels.astype(np.float32) - np.stack([s.image for s in chunk])).mean())
-        for scene, image in zip(chunk, pixels, strict=True):
-            detected = detect(image)
-            for obj in scene.objects:
-                total += 1
-                right += objects_present(detected, [(obj.color, obj.shape)])
-    vae.train()
-    return right / total, float(np.mean(errors))
-
-
-@torch.no_grad()
-def probe_single_objects(pipeline, steps: int, num_seeds: int = 2) -> float:
-    """Share of single-object prompts drawn with the right colour and shape (a quick slice of the bench)."""
-    cases = single_object_cases(num_seeds, seed_offset=500)
-    generators = [torch.Generator("cpu").manual_seed(case.seed) for case in cases]
-    images = pipeline(
-        [case.prompt for case in cases],
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-        height=64,
-        width=64,
-        generator=generators,
-    ).images
-    hits = sum(objects_present(detect(image), case.expected) for case, image in zip(cases, images, strict=True))
-    return hits / len(cases)
-
-
-# ---------------------------------------------------------------------------------------------------- stage 1
-def train_vae(config: Config, accelerator, out: Path, resume: bool) -> Path:
-    final = out / "vae"
-    if (final / "config.json").exists() and resume:
-        logger.info("vae: already trained at %s", final)
-        return final
-    torch.manual_seed(config.seed)
-    vae = build_vae()
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
-    step = 0
-    checkpoint = out / "checkpoint-vae.pt"
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        set_rng_state(state["rng"])
-        logger.info("vae: resumed at step %d", step)
-    vae, optimizer = accelerator.prepare(vae, optimizer)
-    generator = SceneGenerator(config.seed)
-    started = time.perf_counter()
-    bar = tqdm(total=config.vae_steps, initial=step, desc="vae", disable=not accelerator.is_main_process)
-    while step < config.vae_steps and (time.perf_counter() - started) / 60 < config.vae_minutes:
-        images = to_tensor(generator.batch(step * config.vae_batch, config.vae_batch)).to(accelerator.device)
-        posterior = accelerator.unwrap_model(vae).encode(images).latent_dist
-        decoded = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
-        loss = F.mse_loss(decoded, images) + 1e-7 * posterior.kl().mean()
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % config.checkpoint_every == 0:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": accelerator.unwrap_model(vae).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "rng": rng_state(),
-                },
-            )
-    bar.close()
-    vae = accelerator.unwrap_model(vae)
-    accuracy, pixel_error = vae_round_trip_accuracy(vae, config.vae_probe_scenes)
-    logger.info(
-        "vae: %d steps, round-trip detector accuracy %.1f%%, pixel error %.2f/255", step, accuracy * 100, pixel_error
-    )
-    vae.save_pretrained(final)
-    (out / "vae_metrics.json").write_text(
-        json.dumps(
-            {
-                "steps": step,
-                "minutes": (time.perf_counter() - started) / 60,
-                "round_trip_accuracy": accuracy,
-                "pixel_error": pixel_error,
-            },
-            indent=2,
-        )
-    )
-    return final
-
-
 # ---------------------------------------------------------------------------------------------------- stage 2
-@torch.no_grad()
-def encode_pool(vae, config: Config) -> tuple[torch.Tensor, list[str]]:
-    """Render and encode ``pool_size`` scenes once; returns scaled latents and captions."""
-    generator = SceneGenerator(config.seed + 1)
-    latents, captions = [], []
-    vae.eval()
-    for start in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
-        scenes = generator.batch(start, min(256, config.pool_size - start))
-        latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
-        captions.extend(scene.caption for scene in scenes)
-    return torch.cat(latents), captions
-
-
 def build_pipeline(vae, text_encoder, unet):
     from diffusers import StableDiffusionPipeline
 
@@ -310,7 +164,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     from attncontrol.testing import clip_tokenizer
 
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions = encode_pool(vae, config)
+    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -328,7 +182,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     history: list[dict] = []
     checkpoint = out / "checkpoint-unet.pt"
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint(checkpoint)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -338,11 +192,6 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         set_rng_state(state["rng"])
         logger.info("unet: resumed at step %d", step)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-
-    def lr_at(index: int) -> float:
-        warm = min(1.0, (index + 1) / config.warmup)
-        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, index / config.unet_steps)))
-        return config.unet_lr * warm * (0.1 + 0.9 * decay)
 
     started = time.perf_counter()
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
@@ -362,22 +211,23 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
         loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for e, p in zip(ema.parameters(), accelerator.unwrap_model(live).parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
+        ema_update(
+            [(ema_unet, accelerator.unwrap_model(unet)), (ema_text, accelerator.unwrap_model(text_encoder))],
+            step,
+            config.ema_decay,
+        )
         step += 1
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % config.probe_every == 0 or step == config.unet_steps:
-            accuracy = probe_single_objects(build_pipeline(vae, ema_text, ema_unet), config.probe_steps)
+            probe_pipeline = build_pipeline(vae, ema_text, ema_unet)
+            accuracy = probe_single_objects(probe_pipeline, config.probe_steps, guidance_scale=5.0)
             history.append(
                 {
                     "step": step,
@@ -417,27 +267,14 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs=len(value), default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
+def _add_stage(parser) -> None:
     parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    config = Config(**{name: getattr(args, name) for name in asdict(defaults)})
-    return config, args
 
 
 def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
 
-    config, args = parse_args(argv)
+    config, args = parse_config(Config, __doc__, argv, extra=_add_stage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -450,7 +287,18 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     vae_path = out / "vae"
     if args.stage in ("all", "vae"):
-        vae_path = train_vae(config, accelerator, out, args.resume)
+        vae_path = train_vae(
+            out,
+            accelerator,
+            steps=config.vae_steps,
+            minutes=config.vae_minutes,
+            batch=config.vae_batch,
+            lr=config.vae_lr,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            probe_scenes=config.vae_probe_scenes,
+            resume=args.resume,
+        )
     if args.stage in ("all", "unet"):
         if not (vae_path / "config.json").exists():
             raise FileNotFoundError(f"no trained autoencoder at {vae_path}; run --stage vae first")

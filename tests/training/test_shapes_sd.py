@@ -55,3 +55,23 @@ def test_train_resume_and_export(tmp_path):
         assert {handle.get_tensor(key).dtype for key in handle.keys()}  # noqa: SIM118 - safe_open is not a dict == {torch.float16}
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
+    from diffusers import FluxPipeline
+
+    from attncontrol.shapes.bench import run_bench
+    from attncontrol.training import shapes_flux
+
+    sd_out = tmp_path / "sd"
+    shapes_sd.main(["--out", str(sd_out), "--stage", "vae", *TINY])
+    out = tmp_path / "flux"
+    shapes_flux.main([
+        "--out", str(out), "--vae", str(sd_out / "vae"), "--steps", "3", "--pool-size", "32", "--batch", "4",
+        "--probe-every", "1000", "--checkpoint-every", "2", "--layers", "1", "--single-layers", "1",
+    ])  # fmt: skip
+    assert torch.load(out / "checkpoint-flux.pt", weights_only=False)["step"] == 2
+    pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    assert pipe.tokenizer_2.model_max_length == shapes_flux.T5_LENGTH
+    report = run_bench(pipe, tasks=["single"], num_seeds=1, num_inference_steps=2, batch_size=12, progress=False)
+    assert report.rows[0].total == 12

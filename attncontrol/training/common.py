@@ -1,0 +1,98 @@
+"""Pieces every training script shares: atomic checkpoints with RNG state, EMA, LR schedule, config CLI, probes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from attncontrol.shapes.bench import objects_present, single_object_cases
+from attncontrol.shapes.detector import detect
+
+ConfigT = TypeVar("ConfigT")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+@torch.no_grad()
+def ema_update(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, max_decay: float) -> None:
+    """EMA with the usual warm-up ``(1 + step) / (10 + step)`` so early weights are not frozen in."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for ema, live in pairs:
+        for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
+            ema_param.lerp_(param, 1 - decay)
+
+
+def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``floor * base_lr``."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+    return base_lr * warm * (floor + (1 - floor) * decay)
+
+
+def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | None, extra: Any = None):
+    """Every dataclass field becomes a ``--flag``; ``extra(parser)`` may add more. Returns (config, args)."""
+    defaults = config_cls()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for item in fields(config_cls):
+        value = getattr(defaults, item.name)
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=type(value[0]), nargs=len(value), default=value)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    values = {name: getattr(args, name) for name in asdict(defaults)}
+    values = {k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in values.items()}
+    return config_cls(**values), args
+
+
+@torch.no_grad()
+def probe_single_objects(pipeline, steps: int, num_seeds: int = 2, **call_kwargs) -> float:
+    """Share of single-object prompts drawn with the right colour and shape (a quick slice of the bench)."""
+    cases = single_object_cases(num_seeds, seed_offset=500)
+    if isinstance(call_kwargs.get("negative_prompt"), str):
+        call_kwargs["negative_prompt"] = [call_kwargs["negative_prompt"]] * len(cases)
+    generators = [torch.Generator("cpu").manual_seed(case.seed) for case in cases]
+    images = pipeline(
+        [case.prompt for case in cases],
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=generators,
+        **call_kwargs,
+    ).images
+    hits = sum(objects_present(detect(image), case.expected) for case, image in zip(cases, images, strict=True))
+    return hits / len(cases)

@@ -1,0 +1,320 @@
+"""Train the Flux-architecture shapes-world model on the CPU: CLIP + T5 text encoders and a FluxTransformer2DModel.
+
+    python -m attncontrol.training.shapes_flux --out runs/shapes-flux --vae runs/shapes-sd/vae
+    python -m attncontrol.training.shapes_flux --out runs/shapes-flux --resume
+
+Rectified flow on packed latents, as Flux is trained: ``x_t = (1 - t) x_0 + t noise`` with logit-normal ``t`` and
+velocity target ``noise - x_0``; the transformer sees ``t`` in [0, 1] (the pipeline passes ``timestep / 1000``).
+There is no guidance distillation, so the model is trained with 10% empty captions and sampled with true CFG:
+``pipe(prompt, negative_prompt="", true_cfg_scale=5.0, max_sequence_length=32)`` (the bench does this for you).
+
+The autoencoder is the shapes-world one: reuse a trained one with ``--vae`` or let this script train it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attncontrol.training.common import (
+    ema_update,
+    load_checkpoint,
+    parse_config,
+    probe_single_objects,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    warmup_cosine,
+)
+from attncontrol.training.shapes_vae import encode_pool, train_vae
+
+logger = logging.getLogger("attncontrol.training.shapes_flux")
+
+TEXT_HIDDEN = 64
+T5_LENGTH = 32
+
+
+@dataclass
+class Config:
+    out: str = "runs/shapes-flux"
+    vae: str = ""
+    seed: int = 0
+    vae_steps: int = 2500
+    vae_minutes: float = 12.0
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    vae_probe_scenes: int = 200
+    steps: int = 6000
+    minutes: float = 70.0
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    pool_size: int = 30000
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    layers: int = 2
+    single_layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    checkpoint_every: int = 250
+    probe_every: int = 1000
+    probe_steps: int = 20
+
+
+def build_text_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from attncontrol.testing import t5_tokenizer
+
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_act="gelu",
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=TEXT_HIDDEN,
+            d_ff=4 * TEXT_HIDDEN,
+            d_kv=16,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=len(t5_tokenizer()),
+            dropout_rate=0.0,
+        )
+    )
+    return clip, t5
+
+
+def build_transformer(config: Config):
+    from diffusers import FluxTransformer2DModel
+
+    # RoPE axes (id, row, col) must sum to the head dim; rows and columns get 3/8 each (16 -> 4, 6, 6).
+    spatial = config.head_dim * 3 // 8
+    rope = [config.head_dim - 2 * spatial, spatial, spatial]
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=config.layers,
+        num_single_layers=config.single_layers,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.heads,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=False,
+        axes_dims_rope=rope,
+    )
+
+
+def build_pipeline(vae, clip, t5, transformer):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from attncontrol.testing import clip_tokenizer, t5_tokenizer
+
+    t5_tok = t5_tokenizer()
+    t5_tok.model_max_length = T5_LENGTH
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C], the FluxPipeline layout."""
+    batch, channels, height, width = latents.shape
+    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def image_ids(height: int, width: int) -> torch.Tensor:
+    """(0, row, col) per packed token, as FluxPipeline builds them."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    clip_ids = clip_tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    pooled = clip(clip_ids.to(device), output_hidden_states=False).pooler_output
+    t5_ids = t5_tok(texts, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt").input_ids
+    sequence = t5(t5_ids.to(device))[0]
+    return sequence, pooled
+
+
+def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
+    from diffusers import AutoencoderKL
+
+    from attncontrol.testing import clip_tokenizer, t5_tokenizer
+
+    vae = AutoencoderKL.from_pretrained(vae_path)
+    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1)
+    shift, scaling = float(latents.mean()), float(1.0 / latents.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+    grid = latents.shape[-1] // 2
+    packed = pack((latents - shift) * scaling)
+    logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
+
+    torch.manual_seed(config.seed)
+    clip, t5 = build_text_encoders()
+    transformer = build_transformer(config)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    modules = [transformer, clip, t5]
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    emas = [copy.deepcopy(module).eval() for module in modules]
+    step, history = 0, []
+    checkpoint = out / "checkpoint-flux.pt"
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        for module, ema, saved, saved_ema in zip(modules, emas, state["modules"], state["emas"], strict=True):
+            module.load_state_dict(saved)
+            ema.load_state_dict(saved_ema)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        set_rng_state(state["rng"])
+        logger.info("flux: resumed at step %d", step)
+    transformer, clip, t5, optimizer = accelerator.prepare(transformer, clip, t5, optimizer)
+    live = [accelerator.unwrap_model(m) for m in (transformer, clip, t5)]
+    ids = image_ids(grid, grid).to(accelerator.device)
+    text_ids = torch.zeros(T5_LENGTH, 3, device=accelerator.device)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
+    while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
+        index = torch.randint(0, len(packed), (config.batch,))
+        x0 = packed[index].to(accelerator.device)
+        texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
+        sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
+        noise = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+        noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        prediction = transformer(
+            hidden_states=noisy,
+            timestep=t,
+            encoder_hidden_states=sequence,
+            pooled_projections=pooled,
+            txt_ids=text_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(prediction.float(), (noise - x0).float())
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema_update(list(zip(emas, live, strict=True)), step, config.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % config.probe_every == 0 or step == config.steps:
+            accuracy = probe_single_objects(
+                build_pipeline(vae, emas[1], emas[2], emas[0]),
+                config.probe_steps,
+                negative_prompt="",
+                true_cfg_scale=5.0,
+                max_sequence_length=T5_LENGTH,
+            )
+            history.append(
+                {
+                    "step": step,
+                    "minutes": (time.perf_counter() - started) / 60,
+                    "loss": float(np.mean(losses[-200:])),
+                    "single_object_probe": accuracy,
+                }
+            )
+            logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
+        if step % config.checkpoint_every == 0:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "modules": [m.state_dict() for m in live],
+                    "emas": [m.state_dict() for m in emas],
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "rng": rng_state(),
+                },
+            )
+    bar.close()
+    pipeline = build_pipeline(vae, emas[1], emas[2], emas[0])
+    export = out / "pipeline"
+    pipeline.to(torch.float16).save_pretrained(export)
+    metrics = {
+        "steps": step,
+        "minutes": (time.perf_counter() - started) / 60,
+        "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "history": history,
+        "transformer_params_m": sum(p.numel() for p in emas[0].parameters()) / 1e6,
+    }
+    (out / "flux_metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("exported %s", export)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    config, args = parse_config(Config, __doc__, argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    accelerator = Accelerator()
+    started = time.perf_counter()
+    if config.vae:
+        vae_path = Path(config.vae)
+        if not (vae_path / "config.json").exists():
+            raise FileNotFoundError(f"`--vae` {vae_path} is not a saved AutoencoderKL folder")
+    else:
+        vae_path = train_vae(
+            out,
+            accelerator,
+            steps=config.vae_steps,
+            minutes=config.vae_minutes,
+            batch=config.vae_batch,
+            lr=config.vae_lr,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            probe_scenes=config.vae_probe_scenes,
+            resume=args.resume,
+        )
+    train_transformer(config, accelerator, out, vae_path, args.resume)
+    logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
+
+
+if __name__ == "__main__":
+    main()

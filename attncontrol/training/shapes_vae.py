@@ -1,0 +1,141 @@
+"""The shapes-world autoencoder: factor-2 AutoencoderKL, trained on scenes rendered per step, probed by the detector.
+
+The first calibration runs showed the autoencoder decides everything: if encode -> decode turns a red square into
+a yellow blob, no denoiser can learn colours. So it is trained first and its round trip is scored by the detector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attncontrol.shapes.bench import objects_present
+from attncontrol.shapes.detector import detect
+from attncontrol.shapes.scenes import SceneGenerator, to_tensor
+from attncontrol.training.common import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+@torch.no_grad()
+def vae_round_trip_accuracy(vae, num_scenes: int = 200, seed: int = 10_000) -> tuple[float, float]:
+    """Share of objects the detector still reads right after encode -> decode, and mean abs pixel error /255."""
+    vae.eval()
+    scenes = SceneGenerator(seed).batch(0, num_scenes)
+    right = total = 0
+    errors = []
+    for start in range(0, num_scenes, 50):
+        chunk = scenes[start : start + 50]
+        decoded = vae.decode(vae.encode(to_tensor(chunk)).latent_dist.mean).sample.clamp(-1, 1)
+        pixels = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        errors.append(np.abs(pixels.astype(np.float32) - np.stack([s.image for s in chunk])).mean())
+        for scene, image in zip(chunk, pixels, strict=True):
+            detected = detect(image)
+            for obj in scene.objects:
+                total += 1
+                right += objects_present(detected, [(obj.color, obj.shape)])
+    vae.train()
+    return right / total, float(np.mean(errors))
+
+
+def train_vae(
+    out: Path,
+    accelerator,
+    *,
+    steps: int,
+    minutes: float,
+    batch: int,
+    lr: float,
+    seed: int,
+    checkpoint_every: int,
+    probe_scenes: int,
+    resume: bool,
+) -> Path:
+    """Train (with ``resume``: reuse or continue) the autoencoder; writes ``out/vae`` and ``out/vae_metrics.json``."""
+    final = out / "vae"
+    if resume and (final / "config.json").exists():
+        logger.info("vae: already trained at %s", final)
+        return final
+    torch.manual_seed(seed)
+    vae = build_vae()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    step = 0
+    checkpoint = out / "checkpoint-vae.pt"
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+        logger.info("vae: resumed at step %d", step)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    model = accelerator.unwrap_model(vae)
+    generator = SceneGenerator(seed)
+    started = time.perf_counter()
+    bar = tqdm(total=steps, initial=step, desc="vae", disable=not accelerator.is_main_process)
+    while step < steps and (time.perf_counter() - started) / 60 < minutes:
+        images = to_tensor(generator.batch(step * batch, batch)).to(accelerator.device)
+        posterior = model.encode(images).latent_dist
+        decoded = model.decode(posterior.sample()).sample
+        loss = F.mse_loss(decoded, images) + 1e-7 * posterior.kl().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % checkpoint_every == 0:
+            save_checkpoint(
+                checkpoint,
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state()},
+            )
+    bar.close()
+    accuracy, pixel_error = vae_round_trip_accuracy(model, probe_scenes)
+    logger.info(
+        "vae: %d steps, round-trip detector accuracy %.1f%%, pixel error %.2f/255", step, accuracy * 100, pixel_error
+    )
+    model.save_pretrained(final)
+    metrics = {
+        "steps": step,
+        "minutes": (time.perf_counter() - started) / 60,
+        "round_trip_accuracy": accuracy,
+        "pixel_error": pixel_error,
+    }
+    (out / "vae_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return final
+
+
+@torch.no_grad()
+def encode_pool(vae, num_scenes: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Render and encode ``num_scenes`` scenes once (posterior means); returns latents and captions."""
+    generator = SceneGenerator(seed)
+    latents, captions = [], []
+    vae.eval()
+    for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):
+        scenes = generator.batch(start, min(256, num_scenes - start))
+        latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
+        captions.extend(scene.caption for scene in scenes)
+    return torch.cat(latents), captions
