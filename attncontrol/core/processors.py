@@ -69,56 +69,36 @@ class ControlledProcessor:
         grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Run the control chain on ``[B, H, S, D]`` tensors and return ``[B, H, Sq, D]``."""
-        attn_mask = _mask_to_bias(attn_mask, query.dtype)
-        if not self.controls:
-            return compute.attention(
-                query,
-                key,
-                value,
-                scale=scale,
-                bias=attn_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
+        bias = _mask_to_bias(attn_mask, query.dtype)
+        call, active, probs_hook = None, [], None
+        if self.controls:
+            controller = self.controller
+            call = AttentionCall(
+                layer=self.layer,
+                step=controller.step,
+                batch=controller.batch_layout,
+                grid=grid if grid is not None else self.layer.grid(controller.base_grid),
+                query_segments=query_segments or {},
+                key_segments=key_segments or {},
+                heads=query.shape[1],
+                scale=scale if scale is not None else query.shape[-1] ** -0.5,
             )
-        controller = self.controller
-        call = AttentionCall(
-            layer=self.layer,
-            step=controller.step,
-            batch=controller.batch_layout,
-            grid=grid if grid is not None else self.layer.grid(controller.base_grid),
-            query_segments=query_segments or {},
-            key_segments=key_segments or {},
-            heads=query.shape[1],
-            scale=scale if scale is not None else query.shape[-1] ** -0.5,
-        )
-        active = [control for control in self.controls if control.applies_at(call)]
-        if not active:
-            return compute.attention(
-                query,
-                key,
-                value,
-                scale=scale,
-                bias=attn_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
+            active = [control for control in self.controls if control.applies_at(call)]
+        if active:
+            for control in active:
+                query, key, value = control.edit_qkv(call, query, key, value)
+            for control in active:
+                bias = _add_bias(bias, control.logit_bias(call, query, key))
+            probs_controls = [control for control in active if control.wants_probs(call)]
+            if probs_controls:
 
-        for control in active:
-            query, key, value = control.edit_qkv(call, query, key, value)
-        bias = attn_mask
-        for control in active:
-            bias = _add_bias(bias, control.logit_bias(call, query, key))
-
-        probs_controls = [control for control in active if control.wants_probs(call)]
-        probs_hook = None
-        if probs_controls:
-
-            def probs_hook(probs: torch.Tensor) -> torch.Tensor:
-                for control in probs_controls:
-                    probs = control.edit_probs(call, probs)
-                for control in probs_controls:
-                    control.observe(call, probs)
-                return probs
+                def probs_hook(probs: torch.Tensor) -> torch.Tensor:
+                    # Every edit happens before any observation, so observers see what the layer really uses.
+                    for control in probs_controls:
+                        probs = control.edit_probs(call, probs)
+                    for control in probs_controls:
+                        control.observe(call, probs)
+                    return probs
 
         out = compute.attention(
             query,
