@@ -50,12 +50,13 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _clip_text_config(hidden_size: int = 32, projection_dim: int = 32):
+def clip_text_config(hidden_size: int = 32, *, intermediate_size: int = 37, projection_dim: int = 32):
+    """A small CLIP text-encoder config over the real 49,408-token BPE vocabulary (tiny models and shapes models)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         hidden_size=hidden_size,
-        intermediate_size=37,
+        intermediate_size=intermediate_size,
         num_attention_heads=4,
         num_hidden_layers=2,
         vocab_size=49408,
@@ -125,7 +126,7 @@ def tiny_sd_pipeline(seed: int = 0):
     )
     vae = _vae(4, seed)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder = CLIPTextModel(clip_text_config())
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -173,9 +174,9 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )
     vae = _vae(4, seed)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder = CLIPTextModel(clip_text_config())
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config())
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
@@ -211,7 +212,7 @@ def tiny_flux_pipeline(seed: int = 0):
     )
     vae = _vae(4, seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder = CLIPTextModel(clip_text_config())
     text_encoder_2 = _t5_encoder(32, seed)
     return _eval(
         FluxPipeline(
@@ -248,9 +249,9 @@ def tiny_sd3_pipeline(seed: int = 0):
     )
     vae = _vae(4, seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(_clip_text_config())
+    text_encoder = CLIPTextModelWithProjection(clip_text_config())
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config())
     text_encoder_3 = _t5_encoder(64, seed)
     return _eval(
         StableDiffusion3Pipeline(

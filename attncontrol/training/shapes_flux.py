@@ -72,24 +72,12 @@ class Config:
 
 
 def build_text_encoders():
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     from attncontrol.testing import t5_tokenizer
+    from attncontrol.testing.tiny import clip_text_config
 
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=4 * TEXT_HIDDEN,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_act="gelu",
-        )
-    )
+    clip = CLIPTextModel(clip_text_config(TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, projection_dim=TEXT_HIDDEN))
     t5 = T5EncoderModel(
         T5Config(
             d_model=TEXT_HIDDEN,

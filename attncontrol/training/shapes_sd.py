@@ -78,22 +78,11 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------------- models
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=4 * TEXT_HIDDEN,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_act="gelu",
-        )
-    )
+    from attncontrol.testing.tiny import clip_text_config
+
+    return CLIPTextModel(clip_text_config(TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, projection_dim=TEXT_HIDDEN))
 
 
 def build_unet(channels: tuple[int, int, int]):
