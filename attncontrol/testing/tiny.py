@@ -86,10 +86,10 @@ def _t5_encoder(d_model: int, seed: int):
     return T5EncoderModel(config)
 
 
-def _vae(latent_channels: int, seed: int, **extra):
+def small_autoencoder(*, latent_channels: int = 4, sample_size: int = 32, **extra):
+    """Factor-2 AutoencoderKL (channels 32, 64; one layer per block): the tiny models' and the shapes models' VAE."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
@@ -97,10 +97,16 @@ def _vae(latent_channels: int, seed: int, **extra):
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=latent_channels,
+        layers_per_block=1,
         norm_num_groups=8,
-        sample_size=32,
+        sample_size=sample_size,
         **extra,
     )
+
+
+def _vae(latent_channels: int, seed: int, **extra):
+    torch.manual_seed(seed)
+    return small_autoencoder(latent_channels=latent_channels, **extra)
 
 
 def tiny_sd_pipeline(seed: int = 0):

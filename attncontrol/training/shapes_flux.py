@@ -36,7 +36,7 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
-from attncontrol.training.shapes_vae import encode_pool, train_vae
+from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_flux")
 
@@ -45,30 +45,17 @@ T5_LENGTH = 32
 
 
 @dataclass
-class Config:
+class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-flux"
     vae: str = ""
-    seed: int = 0
-    vae_steps: int = 2500
-    vae_minutes: float = 12.0
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    vae_probe_scenes: int = 200
     steps: int = 6000
     minutes: float = 70.0
     batch: int = 32
     lr: float = 1e-3
-    warmup: int = 200
-    pool_size: int = 30000
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
     layers: int = 2
     single_layers: int = 4
     heads: int = 4
     head_dim: int = 16
-    checkpoint_every: int = 250
-    probe_every: int = 1000
-    probe_steps: int = 20
 
 
 def build_text_encoders():
@@ -288,18 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (vae_path / "config.json").exists():
             raise FileNotFoundError(f"`--vae` {vae_path} is not a saved AutoencoderKL folder")
     else:
-        vae_path = train_vae(
-            out,
-            accelerator,
-            steps=config.vae_steps,
-            minutes=config.vae_minutes,
-            batch=config.vae_batch,
-            lr=config.vae_lr,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            probe_scenes=config.vae_probe_scenes,
-            resume=args.resume,
-        )
+        vae_path = train_vae(config, accelerator, resume=args.resume)
     train_transformer(config, accelerator, out, vae_path, args.resume)
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
 

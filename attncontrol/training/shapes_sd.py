@@ -42,7 +42,7 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
-from attncontrol.training.shapes_vae import encode_pool, train_vae
+from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_sd")
 
@@ -50,30 +50,14 @@ TEXT_HIDDEN = 64
 
 
 @dataclass
-class Config:
+class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-sd"
-    seed: int = 0
-    # autoencoder
-    vae_steps: int = 2500
-    vae_minutes: float = 12.0
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    vae_probe_scenes: int = 200
-    # unet + text encoder
     unet_steps: int = 6000
     unet_minutes: float = 70.0
     unet_batch: int = 32
     unet_lr: float = 1e-3
-    warmup: int = 200
-    pool_size: int = 30000
-    ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
-    caption_dropout: float = 0.1
     unet_channels: tuple[int, int, int] = (32, 64, 96)
-    # bookkeeping
-    checkpoint_every: int = 250
-    probe_every: int = 1000
-    probe_steps: int = 20
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -276,18 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     vae_path = out / "vae"
     if args.stage in ("all", "vae"):
-        vae_path = train_vae(
-            out,
-            accelerator,
-            steps=config.vae_steps,
-            minutes=config.vae_minutes,
-            batch=config.vae_batch,
-            lr=config.vae_lr,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            probe_scenes=config.vae_probe_scenes,
-            resume=args.resume,
-        )
+        vae_path = train_vae(config, accelerator, resume=args.resume)
     if args.stage in ("all", "unet"):
         if not (vae_path / "config.json").exists():
             raise FileNotFoundError(f"no trained autoencoder at {vae_path}; run --stage vae first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +25,30 @@ from attncontrol.training.common import load_checkpoint, rng_state, save_checkpo
 logger = logging.getLogger(__name__)
 
 
-def build_vae():
-    from diffusers import AutoencoderKL
+@dataclass
+class ShapesTrainingConfig:
+    """Settings every shapes-world training script shares: output, seed, autoencoder stage, data pool, bookkeeping."""
 
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    out: str = "runs/shapes"
+    seed: int = 0
+    vae_steps: int = 2500
+    vae_minutes: float = 12.0
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    vae_probe_scenes: int = 200
+    pool_size: int = 30000
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+    probe_every: int = 1000
+    probe_steps: int = 20
+
+
+def build_vae():
+    from attncontrol.testing.tiny import small_autoencoder
+
+    return small_autoencoder(sample_size=64)
 
 
 @torch.no_grad()
@@ -61,27 +72,17 @@ def vae_round_trip_accuracy(vae, num_scenes: int = 200, seed: int = 10_000) -> t
     return right / total, float(np.mean(errors))
 
 
-def train_vae(
-    out: Path,
-    accelerator,
-    *,
-    steps: int,
-    minutes: float,
-    batch: int,
-    lr: float,
-    seed: int,
-    checkpoint_every: int,
-    probe_scenes: int,
-    resume: bool,
-) -> Path:
+def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Path:
     """Train (with ``resume``: reuse or continue) the autoencoder; writes ``out/vae`` and ``out/vae_metrics.json``."""
+    out = Path(config.out)
+    steps, minutes, batch, seed = config.vae_steps, config.vae_minutes, config.vae_batch, config.seed
     final = out / "vae"
     if resume and (final / "config.json").exists():
         logger.info("vae: already trained at %s", final)
         return final
     torch.manual_seed(seed)
     vae = build_vae()
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
     step = 0
     checkpoint = out / "checkpoint-vae.pt"
     if resume and checkpoint.exists():
@@ -107,13 +108,13 @@ def train_vae(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % checkpoint_every == 0:
+        if step % config.checkpoint_every == 0:
             save_checkpoint(
                 checkpoint,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state()},
             )
     bar.close()
-    accuracy, pixel_error = vae_round_trip_accuracy(model, probe_scenes)
+    accuracy, pixel_error = vae_round_trip_accuracy(model, config.vae_probe_scenes)
     logger.info(
         "vae: %d steps, round-trip detector accuracy %.1f%%, pixel error %.2f/255", step, accuracy * 100, pixel_error
     )
