@@ -14,7 +14,7 @@ import torch
 from attncontrol import __version__
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.store import AttentionStore
-from attncontrol.models import available_models, default_model, load_pipeline
+from attncontrol.models import available_models, default_model, family_call_kwargs, load_pipeline
 
 logger = logging.getLogger("attncontrol.cli")
 
@@ -45,7 +45,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     with AttentionController(pipe, [store]) as controller:
         # Resolve words first: a typo should fail before the generation, not after it.
         heat_tokens = {word: controller.token_indices(args.prompt, word, name="--heatmap") for word in args.heatmap}
-        image = pipe(**call_kwargs).images[0]
+        image = pipe(**family_call_kwargs(pipe, call_kwargs, batch=1)).images[0]
     image.save(output)
     written = [output]
     for word, indices in heat_tokens.items():

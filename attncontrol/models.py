@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 # Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights).
-SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd"}
+SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd", "shapes-flux": SHIPPED_DIR / "shapes-flux"}
 # Random-weight tiny models of every family: they exercise the machinery, their pictures are noise.
 TINY_MODELS = {
     "tiny-sd": "tiny_sd_pipeline",
@@ -54,3 +54,20 @@ def load_pipeline(model: str | None = None, *, torch_dtype: torch.dtype | None =
         pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype or torch.float32)
     logger.info("loaded %s (%s)", name, type(pipeline).__name__)
     return pipeline.to(device)
+
+
+def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
+    """Call arguments adapted to the pipeline's family, so one set of settings drives every shipped model.
+
+    Flux without a guidance embedding (the shapes model, like FLUX.1-dev-style models before distillation) needs
+    true CFG with an empty negative prompt and the T5 length its tokenizer was saved with; other pipelines take
+    ``guidance_scale`` as is.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if type(pipe).__name__.startswith("Flux") and not getattr(transformer.config, "guidance_embeds", True):
+        call_kwargs = dict(call_kwargs)
+        call_kwargs["true_cfg_scale"] = call_kwargs.pop("guidance_scale", 1.0)
+        if call_kwargs.get("negative_prompt") is None:
+            call_kwargs["negative_prompt"] = [""] * batch
+        call_kwargs.setdefault("max_sequence_length", min(512, pipe.tokenizer_2.model_max_length))
+    return call_kwargs

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from attncontrol.models import family_call_kwargs
 from attncontrol.shapes.detector import DetectedObject, detect
 from attncontrol.shapes.scenes import COLORS, IMAGE_SIZE, SHAPES
 
@@ -145,18 +146,6 @@ TASKS: dict[str, Callable[[int], list[BenchCase]]] = {
 }
 
 
-def _family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
-    """Flux without a guidance embedding (our shapes model) needs true CFG with an empty negative prompt, and the
-    T5 length its tokenizer was saved with; other pipelines take ``guidance_scale`` as is."""
-    transformer = getattr(pipe, "transformer", None)
-    if type(pipe).__name__.startswith("Flux") and not getattr(transformer.config, "guidance_embeds", True):
-        call_kwargs = dict(call_kwargs)
-        call_kwargs["true_cfg_scale"] = call_kwargs.pop("guidance_scale", 1.0)
-        call_kwargs.setdefault("negative_prompt", [""] * batch)
-        call_kwargs.setdefault("max_sequence_length", min(512, pipe.tokenizer_2.model_max_length))
-    return call_kwargs
-
-
 def generate_images(
     pipe: Any, cases: Sequence[BenchCase], *, batch_size: int, call_kwargs: dict, progress: bool = True
 ) -> list[Image.Image]:
@@ -166,7 +155,7 @@ def generate_images(
     for start in tqdm(batches, desc="bench", disable=not progress, unit="batch"):
         chunk = cases[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(case.seed) for case in chunk]
-        kwargs = _family_call_kwargs(pipe, call_kwargs, len(chunk))
+        kwargs = family_call_kwargs(pipe, call_kwargs, len(chunk))
         output = pipe(prompt=[case.prompt for case in chunk], generator=generators, **kwargs)
         images.extend(output.images)
     return images

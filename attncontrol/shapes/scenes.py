@@ -183,7 +183,9 @@ class SceneGenerator:
 
     Args:
         seed: base seed; scene ``i`` uses its own generator seeded by ``(seed, i)``.
-        max_objects: 1 to 3 objects per scene, uniformly.
+        max_objects: 1 to 3 objects per scene, uniformly unless ``count_weights`` says otherwise.
+        count_weights: relative chances of 1, 2, ... ``max_objects`` objects (training pools lean on two-object
+            scenes, where colour-shape binding is learned).
         spatial_probability: chance that a caption uses spatial words (when unambiguous).
         background_probability: chance that the background is not white, and then that the caption names it.
     """
@@ -196,9 +198,20 @@ class SceneGenerator:
         spatial_probability: float = 0.4,
         background_probability: float = 0.3,
         size: int = IMAGE_SIZE,
+        count_weights: Sequence[float] | None = None,
     ) -> None:
         if not 1 <= max_objects <= 3:
             raise ValueError(f"`max_objects` must be 1, 2 or 3, got {max_objects}")
+        if count_weights is not None:
+            weights = np.asarray(count_weights, dtype=np.float64)
+            valid = len(weights) == max_objects and np.all(np.isfinite(weights)) and (weights >= 0).all()
+            if not valid or weights.sum() <= 0:
+                raise ValueError(
+                    f"`count_weights` must be {max_objects} non-negative numbers with a positive sum, "
+                    f"got {count_weights}"
+                )
+            count_weights = tuple(float(w) for w in weights / weights.sum())
+        self.count_weights = count_weights
         self.seed = seed
         self.max_objects = max_objects
         self.spatial_probability = spatial_probability
@@ -207,7 +220,10 @@ class SceneGenerator:
 
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, index])
-        count = int(rng.integers(1, self.max_objects + 1))
+        if self.count_weights is None:
+            count = int(rng.integers(1, self.max_objects + 1))
+        else:
+            count = int(rng.choice(np.arange(1, self.max_objects + 1), p=self.count_weights))
         layout = None
         while layout is None:
             layout = _place(rng, count, self.size)

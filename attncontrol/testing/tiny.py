@@ -27,19 +27,42 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def clip_tokenizer():
-    """The real CLIP BPE tokenizer (SD 1.x/2.x, SDXL, Flux and SD3 all use it), built from committed files."""
+def _truncated_vocab_and_merges(vocab_size: int | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE cut to its first ``vocab_size`` tokens: 512 byte tokens, the earliest merges, the two specials.
+
+    CLIP numbers token ``512 + i`` as the result of merge ``i``, so dropping the late merges leaves a consistent,
+    smaller BPE that still spells every text (rare words fall into more pieces). The shapes models use it to keep
+    the embedding table, the largest part of a small text encoder, from dominating the shipped weights.
+    """
+    vocab, merges = _clip_vocab_and_merges()
+    if vocab_size is None or vocab_size >= len(vocab):
+        return dict(vocab), list(merges)
+    if vocab_size < 1024:
+        raise ValueError(f"`vocab_size` must be at least 1024 (512 byte tokens, merges, 2 specials), got {vocab_size}")
+    num_merges = vocab_size - 512 - 2
+    kept = {token: index for token, index in vocab.items() if index < 512 + num_merges}
+    kept["<|startoftext|>"] = vocab_size - 2
+    kept["<|endoftext|>"] = vocab_size - 1
+    return kept, list(merges[:num_merges])
+
+
+def clip_tokenizer(vocab_size: int | None = None, max_length: int = CLIP_MAX_LENGTH):
+    """The real CLIP BPE tokenizer (SD 1.x/2.x, SDXL, Flux and SD3 all use it), built from committed files.
+
+    ``vocab_size`` keeps only the first tokens (see ``_truncated_vocab_and_merges``); ``max_length`` is the padded
+    length pipelines encode to.
+    """
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH)
+    vocab, merges = _truncated_vocab_and_merges(vocab_size)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def t5_tokenizer():
-    """A small offline T5 (Unigram) tokenizer whose pieces are CLIP's lowercase whole words."""
+def t5_tokenizer(vocab_size: int | None = None, max_length: int = 512):
+    """A small offline T5 (Unigram) tokenizer whose pieces are the lowercase whole words of (truncated) CLIP."""
     from transformers import T5Tokenizer
 
-    vocab, _ = _clip_vocab_and_merges()
+    vocab, _ = _truncated_vocab_and_merges(vocab_size)
     words = sorted(
         {token[:-4] for token in vocab if token.endswith("</w>") and re.fullmatch(r"[a-z]+", token[:-4])},
         key=lambda word: (len(word), word),
@@ -47,24 +70,32 @@ def t5_tokenizer():
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(letter, -10.0) for letter in "abcdefghijklmnopqrstuvwxyz0123456789"]
     pieces += [("\u2581" + word, -1.0 - len(word) * 0.01) for word in words]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def clip_text_config(hidden_size: int = 32, *, intermediate_size: int = 37, projection_dim: int = 32):
-    """A small CLIP text-encoder config over the real 49,408-token BPE vocabulary (tiny models and shapes models)."""
+def clip_text_config(
+    hidden_size: int = 32,
+    *,
+    intermediate_size: int = 37,
+    projection_dim: int = 32,
+    vocab_size: int = 49408,
+    max_length: int = CLIP_MAX_LENGTH,
+    num_layers: int = 2,
+):
+    """A small CLIP text-encoder config over the real BPE vocabulary, or its first ``vocab_size`` tokens."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=49408,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        num_hidden_layers=num_layers,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_length,
         projection_dim=projection_dim,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
         hidden_act="gelu",
     )
 

@@ -36,12 +36,16 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
+from attncontrol.training.shapes_text import (
+    MAX_LENGTH,
+    TEXT_HIDDEN,
+    shapes_clip_text_encoder,
+    shapes_clip_tokenizer,
+    shapes_t5_tokenizer,
+)
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_flux")
-
-TEXT_HIDDEN = 64
-T5_LENGTH = 32
 
 
 @dataclass
@@ -59,12 +63,10 @@ class Config(ShapesTrainingConfig):
 
 
 def build_text_encoders():
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
-    from attncontrol.testing import t5_tokenizer
-    from attncontrol.testing.tiny import clip_text_config
-
-    clip = CLIPTextModel(clip_text_config(TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, projection_dim=TEXT_HIDDEN))
+    # CLIP only gives Flux its pooled vector; T5 carries the per-token text the joint attention reads.
+    clip = shapes_clip_text_encoder(num_layers=2)
     t5 = T5EncoderModel(
         T5Config(
             d_model=TEXT_HIDDEN,
@@ -72,7 +74,7 @@ def build_text_encoders():
             d_kv=16,
             num_layers=2,
             num_heads=4,
-            vocab_size=len(t5_tokenizer()),
+            vocab_size=len(shapes_t5_tokenizer()),
             dropout_rate=0.0,
         )
     )
@@ -102,17 +104,13 @@ def build_transformer(config: Config):
 def build_pipeline(vae, clip, t5, transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from attncontrol.testing import clip_tokenizer, t5_tokenizer
-
-    t5_tok = t5_tokenizer()
-    t5_tok.model_max_length = T5_LENGTH
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
         vae=vae,
         text_encoder=clip,
-        tokenizer=clip_tokenizer(),
+        tokenizer=shapes_clip_tokenizer(),
         text_encoder_2=t5,
-        tokenizer_2=t5_tok,
+        tokenizer_2=shapes_t5_tokenizer(),
         transformer=transformer,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -135,9 +133,11 @@ def image_ids(height: int, width: int) -> torch.Tensor:
 
 
 def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    clip_ids = clip_tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    clip_ids = clip_tok(
+        texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     pooled = clip(clip_ids.to(device), output_hidden_states=False).pooler_output
-    t5_ids = t5_tok(texts, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt").input_ids
+    t5_ids = t5_tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     sequence = t5(t5_ids.to(device))[0]
     return sequence, pooled
 
@@ -145,10 +145,8 @@ def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[t
 def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
     from diffusers import AutoencoderKL
 
-    from attncontrol.testing import clip_tokenizer, t5_tokenizer
-
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1)
+    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
     shift, scaling = float(latents.mean()), float(1.0 / latents.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     grid = latents.shape[-1] // 2
@@ -158,7 +156,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     torch.manual_seed(config.seed)
     clip, t5 = build_text_encoders()
     transformer = build_transformer(config)
-    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    clip_tok, t5_tok = shapes_clip_tokenizer(), shapes_t5_tokenizer()
     modules = [transformer, clip, t5]
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
@@ -177,7 +175,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     transformer, clip, t5, optimizer = accelerator.prepare(transformer, clip, t5, optimizer)
     live = [accelerator.unwrap_model(m) for m in (transformer, clip, t5)]
     ids = image_ids(grid, grid).to(accelerator.device)
-    text_ids = torch.zeros(T5_LENGTH, 3, device=accelerator.device)
+    text_ids = torch.zeros(MAX_LENGTH, 3, device=accelerator.device)
 
     started = time.perf_counter()
     losses: list[float] = []
@@ -217,7 +215,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
                 config.probe_steps,
                 negative_prompt="",
                 true_cfg_scale=5.0,
-                max_sequence_length=T5_LENGTH,
+                max_sequence_length=MAX_LENGTH,
             )
             history.append(
                 {

@@ -42,33 +42,30 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
+from attncontrol.training.shapes_text import (
+    MAX_LENGTH,
+    TEXT_HIDDEN,
+    shapes_clip_text_encoder,
+    shapes_clip_tokenizer,
+)
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_sd")
-
-TEXT_HIDDEN = 64
 
 
 @dataclass
 class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-sd"
-    unet_steps: int = 6000
+    unet_steps: int = 4800
     unet_minutes: float = 70.0
     unet_batch: int = 32
     unet_lr: float = 1e-3
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
+    text_layers: int = 4
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_text_encoder():
-    from transformers import CLIPTextModel
-
-    from attncontrol.testing.tiny import clip_text_config
-
-    return CLIPTextModel(clip_text_config(TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, projection_dim=TEXT_HIDDEN))
-
-
 def build_unet(channels: tuple[int, int, int]):
     from diffusers import UNet2DConditionModel
 
@@ -114,12 +111,10 @@ def inference_scheduler():
 def build_pipeline(vae, text_encoder, unet):
     from diffusers import StableDiffusionPipeline
 
-    from attncontrol.testing import clip_tokenizer
-
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
+        tokenizer=shapes_clip_tokenizer(),
         unet=unet,
         scheduler=inference_scheduler(),
         safety_checker=None,
@@ -134,19 +129,17 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     from diffusers import AutoencoderKL
     from diffusers.training_utils import compute_snr
 
-    from attncontrol.testing import clip_tokenizer
-
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1)
+    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     logger.info("unet: pool of %d latents %s, scaling factor %.4f", len(latents), tuple(latents.shape[1:]), scaling)
 
     torch.manual_seed(config.seed)
-    text_encoder = build_text_encoder()
+    text_encoder = shapes_clip_text_encoder(config.text_layers)
     unet = build_unet(tuple(config.unet_channels))
-    tokenizer = clip_tokenizer()
+    tokenizer = shapes_clip_tokenizer()
     scheduler = train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
@@ -173,7 +166,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         index = torch.randint(0, len(latents), (config.unet_batch,))
         batch = latents[index].to(accelerator.device)
         texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        ids = ids.input_ids
         encoder_states = text_encoder(ids.to(accelerator.device))[0]
         noise = torch.randn_like(batch)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)

@@ -37,6 +37,8 @@ class ShapesTrainingConfig:
     vae_lr: float = 2e-3
     vae_probe_scenes: int = 200
     pool_size: int = 30000
+    # Chances of 1, 2 and 3 objects in the denoiser's training pool.
+    pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -130,9 +132,11 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
 
 
 @torch.no_grad()
-def encode_pool(vae, num_scenes: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def encode_pool(
+    vae, num_scenes: int, seed: int, count_weights: tuple[float, ...] | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """Render and encode ``num_scenes`` scenes once (posterior means); returns latents and captions."""
-    generator = SceneGenerator(seed)
+    generator = SceneGenerator(seed, count_weights=count_weights)
     latents, captions = [], []
     vae.eval()
     for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):

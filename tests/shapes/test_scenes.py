@@ -33,6 +33,17 @@ def test_scenes_cover_the_world_and_keep_objects_apart():
                 assert apart_x or apart_y
 
 
+def test_count_weights_shift_the_number_of_objects():
+    scenes = SceneGenerator(0, count_weights=(0, 1, 0)).batch(0, 50)
+    assert {len(scene.objects) for scene in scenes} == {2}
+    leaning = SceneGenerator(0, count_weights=(1, 3, 1)).batch(0, 400)
+    twos = sum(len(scene.objects) == 2 for scene in leaning) / 400
+    assert 0.5 < twos < 0.7
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0), (1, float("nan"), 1)]:
+        with pytest.raises(ValueError, match="`count_weights` must be 3 non-negative numbers"):
+            SceneGenerator(0, count_weights=bad)
+
+
 def test_captions_name_every_object_and_only_true_positions():
     scenes = SceneGenerator(1).batch(0, 200)
     for scene in scenes:

@@ -7,6 +7,7 @@ import json
 import torch
 
 from attncontrol.training import shapes_sd
+from attncontrol.training.shapes_text import MAX_LENGTH, VOCAB_SIZE
 
 TINY = [
     "--vae-probe-scenes",
@@ -72,6 +73,7 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     ])  # fmt: skip
     assert torch.load(out / "checkpoint-flux.pt", weights_only=False)["step"] == 2
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
-    assert pipe.tokenizer_2.model_max_length == shapes_flux.T5_LENGTH
+    assert pipe.tokenizer_2.model_max_length == pipe.tokenizer.model_max_length == MAX_LENGTH
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == VOCAB_SIZE
     report = run_bench(pipe, tasks=["single"], num_seeds=1, num_inference_steps=2, batch_size=12, progress=False)
     assert report.rows[0].total == 12
