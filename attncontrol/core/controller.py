@@ -9,7 +9,9 @@ The controller is the one owner of run-time state the processors read:
 - ``batch_layout``: the roles of the batch rows (uncond/cond x branches).
 
 All three are captured by a forward pre-hook on the denoiser (``register_forward_pre_hook``), not by patching
-``forward`` and not by counting attention calls.
+``forward`` and not by counting attention calls. Pipelines that run guidance as separate passes (Flux's true CFG)
+name each pass with ``transformer.cache_context("cond" | "uncond")``; a stateful diffusers hook hears that name, so
+the negative pass is laid out as ``uncond`` rows and controls meant for the prompt leave it alone.
 """
 
 from __future__ import annotations
@@ -25,12 +27,42 @@ from attncontrol.core.control import AttentionControl
 from attncontrol.core.errors import ControllerStateError, ProcessorsOverwrittenError, UnsupportedModelError
 from attncontrol.core.layers import LayerInfo, LayerSpec, discover_layers, make_layer_filter, model_family
 from attncontrol.core.processors import PROCESSOR_CLASSES, ControlledProcessor
-from attncontrol.core.state import BatchLayout, StepState
+from attncontrol.core.state import BatchLayout, RowRole, StepState
 from attncontrol.core.tokens import TokenSelector, token_indices
 
 logger = logging.getLogger(__name__)
 
 _DENOISER_ATTRIBUTES = ("unet", "transformer")
+_PASS_HOOK_NAME = "attncontrol_pass_name"
+
+
+def _pass_name_hook(on_change: Any) -> Any | None:
+    """A diffusers stateful hook whose only job is to report the name of the pipeline's current denoiser pass.
+
+    diffusers hands the ``cache_context`` of a pass to every stateful hook's ``StateManager``; ours forwards the name.
+    Returns ``None`` on diffusers versions without cache contexts.
+    """
+    try:
+        from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+    except ImportError:  # pragma: no cover - older diffusers
+        return None
+
+    class PassNameProbe(StateManager):
+        def set_context(self, context: Any) -> None:
+            super().set_context(context)
+            on_change(None if context is None else context.name)
+
+    class PassNameHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.probe = PassNameProbe(BaseState)
+
+        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+            return module
+
+    return PassNameHook()
 
 
 def resolve_denoiser(target: Any) -> tuple[Any | None, torch.nn.Module]:
@@ -90,7 +122,8 @@ class AttentionController:
         self.base_grid: tuple[int, int] | None = None
         self.batch_layout = BatchLayout()
         self._explicit_layout: BatchLayout | None = None
-        self._layout_key: tuple[int, bool] | None = None
+        self._layout_key: tuple[int, bool, str | None] | None = None
+        self._pass_name: str | None = None
 
         self._originals: dict[str, Any] | None = None
         self._installed: list[tuple[torch.nn.Module, ControlledProcessor]] = []
@@ -131,6 +164,7 @@ class AttentionController:
         self.model.set_attn_processor(replacement)
         self._originals = current
         self._hook_handle = self.model.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
+        self._register_pass_hook()
         self.reset()
         logger.debug("installed %d controlled processors on %s", len(self._installed), type(self.model).__name__)
         return self
@@ -145,8 +179,28 @@ class AttentionController:
             if self._hook_handle is not None:
                 self._hook_handle.remove()
             self._hook_handle = None
+            self._remove_pass_hook()
             self._originals = None
             self._installed = []
+
+    def _set_pass_name(self, name: str | None) -> None:
+        self._pass_name = name
+
+    def _register_pass_hook(self) -> None:
+        if not hasattr(self.model, "cache_context"):
+            return
+        hook = _pass_name_hook(self._set_pass_name)
+        if hook is None:
+            return
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(hook, _PASS_HOOK_NAME)
+
+    def _remove_pass_hook(self) -> None:
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_PASS_HOOK_NAME) is not None:
+            registry.remove_hook(_PASS_HOOK_NAME, recurse=False)
+        self._pass_name = None
 
     def __enter__(self) -> AttentionController:
         return self.install()
@@ -285,19 +339,27 @@ class AttentionController:
                     f"denoiser got a batch of {batch_size}"
                 )
             return self._explicit_layout
-        cfg = bool(getattr(self.pipeline, "do_classifier_free_guidance", False)) and batch_size % 2 == 0
-        if self._layout_key == (batch_size, cfg):
+        # A named pass (Flux true CFG) holds one guidance half; otherwise stock pipelines stack both halves.
+        if self._pass_name in ("cond", "uncond"):
+            cfg = False
+        else:
+            cfg = bool(getattr(self.pipeline, "do_classifier_free_guidance", False)) and batch_size % 2 == 0
+        key = (batch_size, cfg, self._pass_name)
+        if self._layout_key == key:
             return self.batch_layout
-        self._layout_key = (batch_size, cfg)
+        self._layout_key = key
         try:
-            return BatchLayout.standard(batch_size, cfg=cfg, branches=self.branches)
+            layout = BatchLayout.standard(batch_size, cfg=cfg, branches=self.branches)
         except ValueError:
             logger.warning(
                 "batch of %d rows does not fit branches %s; treating every row as its own 'main' image",
                 batch_size,
                 list(self.branches),
             )
-            return BatchLayout.standard(batch_size, cfg=cfg and batch_size % 2 == 0)
+            layout = BatchLayout.standard(batch_size, cfg=cfg and batch_size % 2 == 0)
+        if self._pass_name == "uncond":
+            layout = BatchLayout([RowRole("uncond", role.branch, role.image) for role in layout.roles])
+        return layout
 
 
 def apply_attention_control_(

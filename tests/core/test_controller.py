@@ -118,6 +118,35 @@ def test_flux_grid_comes_from_img_ids(flux_pipe):
     assert {grid for _, _, grid, _, _ in recorder.calls} == {(8, 12)}
 
 
+def test_flux_true_cfg_passes_are_laid_out_as_cond_then_uncond(flux_pipe):
+    recorder = Recorder(layers="joint")
+    with AttentionController(flux_pipe, [recorder], branches=("source", "target")):
+        flux_pipe(
+            **call_kwargs(
+                "flux",
+                prompt=["a red circle", "a blue square"],
+                negative_prompt=["", ""],
+                true_cfg_scale=3.0,
+                num_inference_steps=2,
+            )
+        )
+    per_step: dict[int, list[list[RowRole]]] = {}
+    for _, step, _, layout, _ in recorder.calls:
+        roles = layout.roles
+        if not per_step.get(step) or per_step[step][-1] != roles:
+            per_step.setdefault(step, []).append(roles)
+    # Each step: the prompt pass, then the negative pass, each with both branches.
+    assert per_step == {
+        step: [
+            [RowRole("cond", "source"), RowRole("cond", "target")],
+            [RowRole("uncond", "source"), RowRole("uncond", "target")],
+        ]
+        for step in (0, 1)
+    }
+    registry = getattr(flux_pipe.transformer, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook("attncontrol_pass_name") is None
+
+
 def test_batch_layout_names_cfg_halves_and_branches(sd_pipe):
     recorder = Recorder(layers="cross")
     with AttentionController(sd_pipe, [recorder], branches=("source", "target")):
