@@ -1,4 +1,5 @@
-"""Controls: one file per method, each an :class:`attncontrol.AttentionControl` subclass.
+"""Controls: one file per method, each an :class:`attncontrol.AttentionControl` subclass."""
 
-Filled by the capability issues (regional prompts, key masking, attention sharing, ...).
-"""
+from attncontrol.controls.regions import Circle, Region, RegionalAttention, RegionError
+
+__all__ = ["Circle", "Region", "RegionError", "RegionalAttention"]

@@ -8,6 +8,7 @@ from attncontrol.core.errors import (
     ControllerStateError,
     MaskError,
     ProcessorsOverwrittenError,
+    RegionError,
     TokenIndexError,
     UnsupportedModelError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "LayerInfo",
     "MaskError",
     "ProcessorsOverwrittenError",
+    "RegionError",
     "RowRole",
     "SD3JointAttnProcessor",
     "SpatialMask",

@@ -25,3 +25,7 @@ class ProcessorsOverwrittenError(AttnControlError, RuntimeError):
 
 class ControllerStateError(AttnControlError, RuntimeError):
     """The controller was used in an order that cannot work (e.g. removed twice, used before install)."""
+
+
+class RegionError(AttnControlError, ValueError):
+    """A region or layout that cannot be used; the message names the region and the argument."""

@@ -1,0 +1,327 @@
+"""Regional pipelines: the stock SD 1.x/2.x, SDXL and Flux pipelines plus ``regions=[...]``.
+
+    from attncontrol.controls.regions import Region
+    from attncontrol.pipelines import RegionalStableDiffusionPipeline
+
+    pipe = RegionalStableDiffusionPipeline.from_pretrained(model_id_or_path)   # or .from_pipe(existing_pipe)
+    image = pipe(
+        "a red circle and a blue square",
+        regions=[Region.box((0, 0, 0.5, 1), phrase="red circle"), Region.box((0.5, 0, 1, 1), phrase="blue square")],
+    ).images[0]
+
+Everything else (schedulers, LoRA, callbacks, ``output_type``...) is the stock pipeline's; the regional control is
+installed for the call only and the original processors are back afterwards, also after an exception. With
+``return_attention_maps=True`` the output carries ``attention_maps``, an :class:`attncontrol.AttentionStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from attncontrol.controls.regions import (
+    REGION_MODES,
+    Region,
+    RegionalAttention,
+    RegionError,
+    ResolvedRegion,
+    WeightSpec,
+    region_mask,
+    weight_schedule,
+)
+from attncontrol.core.controller import AttentionController
+from attncontrol.core.state import StepState
+from attncontrol.core.store import AttentionStore
+from attncontrol.core.tokens import token_indices
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REGIONS = 16
+
+
+class RegionalMixin:
+    """What every regional pipeline shares: validating regions, encoding region prompts, running the control."""
+
+    #: attribute of the tokenizer whose tokens the denoiser's cross-attention reads
+    _phrase_tokenizer = "tokenizer"
+
+    # ------------------------------------------------------------------ family hooks
+    def _encode_text(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
+        """Embeddings of ``text`` (and its negative) as the stock ``__call__`` keyword arguments, batch 1."""
+        raise NotImplementedError
+
+    def _sequence_keys(self) -> tuple[str, str]:
+        return "prompt_embeds", "negative_prompt_embeds"
+
+    def _default_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ validation
+    def _check_regions(self, regions: Sequence[Region], max_regions: int) -> list[Region]:
+        if isinstance(regions, Region):
+            regions = [regions]
+        if not isinstance(regions, Sequence) or isinstance(regions, (str, bytes)):
+            raise RegionError(f"`regions` must be a list of Region, got {type(regions).__name__}")
+        if len(regions) == 0:
+            raise RegionError("`regions` is empty: give at least one Region, or leave `regions` out")
+        if len(regions) > max_regions:
+            raise RegionError(
+                f"{len(regions)} regions exceed `max_regions`={max_regions}: every region adds text tokens (or a "
+                "token set) to each cross-attention; raise `max_regions` if that is what you want"
+            )
+        for index, region in enumerate(regions):
+            name = f"regions[{index}]"
+            if not isinstance(region, Region):
+                raise RegionError(f"`{name}` must be a Region, got {type(region).__name__}")
+            if (region.phrase is None) == (region.prompt is None):
+                raise RegionError(f"`{name}` needs exactly one of `phrase` (a span of the prompt) or `prompt`")
+            text = region.phrase if region.phrase is not None else region.prompt
+            if not isinstance(text, str) or not text.strip():
+                raise RegionError(f"`{name}` has an empty {'phrase' if region.phrase is not None else 'prompt'}")
+        return list(regions)
+
+    def _resolve(
+        self,
+        regions: list[Region],
+        prompt: str,
+        image_size: tuple[int, int],
+        num_steps: int,
+        group_length: int,
+    ) -> list[ResolvedRegion]:
+        tokenizer = getattr(self, self._phrase_tokenizer)
+        resolved: list[ResolvedRegion] = []
+        owner: dict[int, int] = {}
+        prompt_groups = 0
+        for index, region in enumerate(regions):
+            name = f"regions[{index}]"
+            mask = region_mask(region, image_size, name)
+            schedule = weight_schedule(region.weight, f"{name}.weight")
+            for step in range(num_steps):  # a NaN in step 17 should fail now, not after 16 steps
+                schedule(StepState(index=step, num_steps=num_steps))
+            if region.phrase is not None:
+                tokens = token_indices(tokenizer, prompt, region.phrase, name=f"{name}.phrase")
+                for token in tokens:
+                    if token in owner:
+                        raise RegionError(
+                            f"`{name}.phrase` {region.phrase!r} shares token {token} with `regions[{owner[token]}]`; "
+                            "each token can belong to one region (use distinct phrases or per-region prompts)"
+                        )
+                    owner[token] = index
+                group = None
+            else:
+                prompt_groups += 1
+                group = slice(prompt_groups * group_length, (prompt_groups + 1) * group_length)
+                tokens = list(range(group.start, group.stop))
+            resolved.append(ResolvedRegion(mask=mask, tokens=tokens, weight=schedule, group=group, name=name))
+        return resolved
+
+    # ------------------------------------------------------------------ the call
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        regions: Sequence[Region] | None = None,
+        region_mode: str = "hard",
+        base_weight: WeightSpec = 1.0,
+        region_strength: float = 1.0,
+        max_regions: int = DEFAULT_MAX_REGIONS,
+        return_attention_maps: bool | AttentionStore = False,
+        region_options: dict[str, Any] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The stock pipeline's ``__call__`` (keyword arguments after ``prompt``) plus regions.
+
+        Args:
+            regions: :class:`attncontrol.controls.regions.Region` s: a mask, box or circle, and either a ``phrase``
+                of ``prompt`` or the region's own ``prompt``, with a ``weight`` (number, per-step list, function).
+            region_mode: ``"hard"`` masking (default) or ``"soft"`` DenseDiffusion modulation.
+            base_weight: weight of the base prompt inside regions that have their own prompts (same forms as a
+                region weight); 0 lets a region's own prompt speak alone there.
+            region_strength: soft mode's cross-attention strength (DenseDiffusion's lambda, default 1.0).
+            max_regions: safety limit on the number of regions (default 16).
+            return_attention_maps: attach an :class:`attncontrol.AttentionStore` of the conditional rows as
+                ``output.attention_maps``; pass your own store to choose what it keeps.
+            region_options: further :class:`attncontrol.controls.RegionalAttention` arguments
+                (``self_strength``, ``modulation_until``, ``size_strength``, ``layers``, ``steps``).
+        """
+        return self._regional_call(
+            super().__call__,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            regions=regions,
+            region_mode=region_mode,
+            base_weight=base_weight,
+            region_strength=region_strength,
+            max_regions=max_regions,
+            return_attention_maps=return_attention_maps,
+            region_options=region_options or {},
+            kwargs=kwargs,
+        )
+
+    def _regional_call(
+        self,
+        stock_call: Any,
+        *,
+        prompt: str | list[str] | None,
+        negative_prompt: str | None,
+        regions: Sequence[Region] | None,
+        region_mode: str,
+        base_weight: WeightSpec,
+        region_strength: float,
+        max_regions: int,
+        return_attention_maps: bool | AttentionStore,
+        region_options: dict[str, Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if isinstance(return_attention_maps, AttentionStore):
+            store = return_attention_maps
+        else:
+            store = AttentionStore(guidance="cond") if return_attention_maps else None
+        controls: list[Any] = []
+        call = dict(kwargs)
+        if negative_prompt is not None:
+            call["negative_prompt"] = negative_prompt
+        if regions is not None:
+            if region_mode not in REGION_MODES:
+                raise RegionError(f"`region_mode` must be one of {REGION_MODES}, got {region_mode!r}")
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise RegionError("regional generation takes one prompt (use `num_images_per_prompt` for more)")
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise RegionError("`prompt` must be a string when `regions` are given")
+            if isinstance(negative_prompt, list):
+                negative_prompt = negative_prompt[0] if negative_prompt else None
+            checked = self._check_regions(regions, max_regions)
+            default_height, default_width = self._default_size()
+            height = call.get("height") or default_height
+            width = call.get("width") or default_width
+            num_steps = int(call.get("num_inference_steps", 50))
+            device = self._execution_device
+            sequence_key, negative_key = self._sequence_keys()
+            region_prompts = [region.prompt for region in checked if region.prompt is not None]
+            with torch.no_grad():
+                base = self._encode_text(prompt, negative_prompt, device, call)
+                group_length = int(base[sequence_key].shape[1])
+                resolved = self._resolve(checked, prompt, (height, width), num_steps, group_length)
+                parts = [base[sequence_key]]
+                for text in region_prompts:
+                    parts.append(self._encode_text(text, negative_prompt, device, call)[sequence_key])
+            if region_prompts:
+                base[sequence_key] = torch.cat(parts, dim=1)
+                if base.get(negative_key) is not None:
+                    # Unconditional rows never see the region groups; tiling keeps the lengths equal.
+                    base[negative_key] = base[negative_key].repeat(1, 1 + len(region_prompts), 1)
+            call.pop("negative_prompt", None)
+            call.update(base)
+            base_tokens = slice(0, group_length) if region_prompts else None
+            controls.append(
+                RegionalAttention(
+                    resolved,
+                    mode=region_mode,
+                    base_weight=base_weight,
+                    base_tokens=base_tokens,
+                    cross_strength=region_strength,
+                    **region_options,
+                )
+            )
+        else:
+            call["prompt"] = prompt
+        if store is not None:
+            controls.append(store)
+        if not controls:
+            return stock_call(**call)
+        with AttentionController(self, controls):
+            output = stock_call(**call)
+        if store is not None:
+            output.attention_maps = store
+        return output
+
+
+# ---------------------------------------------------------------------------------------------------- families
+def _unet_size(self) -> tuple[int, int]:
+    side = self.unet.config.sample_size * self.vae_scale_factor
+    return side, side
+
+
+def _encode_sd(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
+    positive, negative_embeds = self.encode_prompt(
+        text,
+        device,
+        1,
+        float(call.get("guidance_scale", 7.5)) > 1.0,
+        negative_prompt=negative,
+        clip_skip=call.get("clip_skip"),
+    )
+    out = {"prompt_embeds": positive}
+    if negative_embeds is not None:
+        out["negative_prompt_embeds"] = negative_embeds
+    return out
+
+
+def _encode_sdxl(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
+    positive, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+        text,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=float(call.get("guidance_scale", 5.0)) > 1.0,
+        negative_prompt=negative,
+        clip_skip=call.get("clip_skip"),
+    )
+    out = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+    if negative_embeds is not None:
+        out["negative_prompt_embeds"] = negative_embeds
+        out["negative_pooled_prompt_embeds"] = negative_pooled
+    return out
+
+
+def _flux_size(self) -> tuple[int, int]:
+    side = self.default_sample_size * self.vae_scale_factor
+    return side, side
+
+
+def _encode_flux(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
+    length = int(call.get("max_sequence_length", 512))
+    positive, pooled, _ = self.encode_prompt(text, device=device, max_sequence_length=length)
+    out = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+    if negative is not None and float(call.get("true_cfg_scale", 1.0)) > 1.0:
+        negative_embeds, negative_pooled, _ = self.encode_prompt(negative, device=device, max_sequence_length=length)
+        out["negative_prompt_embeds"] = negative_embeds
+        out["negative_pooled_prompt_embeds"] = negative_pooled
+    return out
+
+
+class RegionalStableDiffusionPipeline(RegionalMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` (SD 1.x/2.x) with ``regions=[...]``."""
+
+    _encode_text = _encode_sd
+    _default_size = _unet_size
+
+
+class RegionalStableDiffusionXLPipeline(RegionalMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with ``regions=[...]`` (both CLIP encoders tokenize alike, so phrases agree)."""
+
+    _encode_text = _encode_sdxl
+    _default_size = _unet_size
+
+
+class RegionalFluxPipeline(RegionalMixin, FluxPipeline):
+    """``FluxPipeline`` with ``regions=[...]``: phrases are T5 tokens, the sequence Flux's joint attention reads."""
+
+    _phrase_tokenizer = "tokenizer_2"
+    _encode_text = _encode_flux
+    _default_size = _flux_size
+
+
+__all__ = [
+    "Region",
+    "RegionalFluxPipeline",
+    "RegionalMixin",
+    "RegionalStableDiffusionPipeline",
+    "RegionalStableDiffusionXLPipeline",
+]
