@@ -7,9 +7,16 @@ import os
 import torch
 
 from attncontrol import AttentionController, AttentionStore
-from attncontrol.models import SHIPPED_MODELS, default_model, load_pipeline
+from attncontrol.models import SHIPPED_MODELS, default_model, family_call_kwargs, load_pipeline
 from attncontrol.shapes import detect
 from attncontrol.shapes.bench import objects_present
+
+PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a green circle"]
+
+
+def _hits(images) -> list[bool]:
+    pairs = zip(PROMPTS, images, strict=True)
+    return [objects_present(detect(image), [tuple(prompt.split()[1:])]) for prompt, image in pairs]
 
 
 def test_shapes_sd_loads_offline_as_the_default_and_draws_the_prompt():
@@ -22,19 +29,34 @@ def test_shapes_sd_loads_offline_as_the_default_and_draws_the_prompt():
 
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle"]
     store = AttentionStore(guidance="cond")
     with AttentionController(pipe, [store]):
         images = pipe(
-            prompts,
+            PROMPTS,
             num_inference_steps=20,
             guidance_scale=5.0,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+            generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
         ).images
-    hits = [
-        objects_present(detect(image), [tuple(prompt.split()[1:])])
-        for prompt, image in zip(prompts, images, strict=True)
-    ]
+    hits = _hits(images)
     # A random-weight model draws none of these; the trained one draws most (fixed seeds: deterministic).
     assert sum(hits) >= 3, hits
     assert store.maps().shape[1:3] == (16, 16)  # 32x32 latents; cross-attention sits at 16x16 and 8x8
+
+
+def test_shapes_flux_loads_offline_and_draws_the_prompt():
+    from diffusers import FluxPipeline
+
+    direct = FluxPipeline.from_pretrained(SHIPPED_MODELS["shapes-flux"], torch_dtype=torch.float32)
+    assert direct.transformer.config.num_layers >= 1 and direct.transformer.config.num_single_layers >= 1
+
+    pipe = load_pipeline("shapes-flux")
+    pipe.set_progress_bar_config(disable=True)
+    store = AttentionStore(guidance="cond")
+    call = family_call_kwargs(pipe, {"num_inference_steps": 20, "guidance_scale": 5.0}, batch=len(PROMPTS))
+    with AttentionController(pipe, [store]):
+        images = pipe(
+            PROMPTS, height=64, width=64, generator=[torch.Generator().manual_seed(i) for i in range(4)], **call
+        ).images
+    hits = _hits(images)
+    assert sum(hits) >= 3, hits
+    assert store.maps().shape[1:3] == (16, 16)  # 32x32 latents packed 2x2: a 16x16 token grid

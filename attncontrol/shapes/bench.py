@@ -37,6 +37,10 @@ class BenchCase:
     prompt: str
     seed: int
     expected: tuple[tuple[str, str], ...]
+    # Layout tasks: one (x0, y0, x1, y1) pixel box per expected object, where its centroid must land.
+    boxes: tuple[tuple[float, float, float, float], ...] | None = None
+    # Whether the boxes are given to the pipeline as regions (False: the uncontrolled baseline, scored the same way).
+    use_regions: bool = False
 
 
 @dataclass
@@ -83,6 +87,14 @@ class BenchReport:
         for row in self.rows:
             low, high = row.interval
             lines.append(f"| {row.task} | {row.successes} | {row.total} | {row.rate:.1%} | {low:.1%} - {high:.1%} |")
+        by_task = {row.task: row for row in self.rows}
+        for task, baseline in BASELINES.items():
+            if task in by_task and baseline in by_task:
+                a, b = by_task[task], by_task[baseline]
+                low, high = difference_interval(a.successes, a.total, b.successes, b.total)
+                lines.append(
+                    f"| {task} - {baseline} | | | {a.rate - b.rate:+.1%} | {low:+.1%} - {high:+.1%} (Newcombe) |"
+                )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -106,6 +118,19 @@ def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def difference_interval(
+    successes_a: int, total_a: int, successes_b: int, total_b: int, z: float = 1.959964
+) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for the difference of two proportions (built from Wilson intervals)."""
+    rate_a, rate_b = successes_a / total_a, successes_b / total_b
+    low_a, high_a = wilson_interval(successes_a, total_a, z)
+    low_b, high_b = wilson_interval(successes_b, total_b, z)
+    difference = rate_a - rate_b
+    low = difference - math.sqrt((rate_a - low_a) ** 2 + (high_b - rate_b) ** 2)
+    high = difference + math.sqrt((high_a - rate_a) ** 2 + (rate_b - low_b) ** 2)
+    return max(-1.0, low), min(1.0, high)
+
+
 def objects_present(detected: Sequence[DetectedObject], expected: Sequence[tuple[str, str]]) -> bool:
     """Whether each expected (colour, shape) is matched by a *distinct* detected object."""
     remaining = list(detected)
@@ -115,6 +140,32 @@ def objects_present(detected: Sequence[DetectedObject], expected: Sequence[tuple
             return False
         remaining.remove(match)
     return True
+
+
+def objects_in_boxes(
+    detected: Sequence[DetectedObject], expected: Sequence[tuple[str, str]], boxes: Sequence[Sequence[float]]
+) -> bool:
+    """Whether each expected (colour, shape) is a distinct detected object whose centroid lies in its box."""
+    remaining = list(detected)
+    for (color, shape), (x0, y0, x1, y1) in zip(expected, boxes, strict=True):
+        match = next(
+            (
+                obj
+                for obj in remaining
+                if obj.matches(color, shape) and x0 <= obj.centroid[0] <= x1 and y0 <= obj.centroid[1] <= y1
+            ),
+            None,
+        )
+        if match is None:
+            return False
+        remaining.remove(match)
+    return True
+
+
+def case_success(case: BenchCase, detected: Sequence[DetectedObject]) -> bool:
+    if case.boxes is not None:
+        return objects_in_boxes(detected, case.expected, case.boxes)
+    return objects_present(detected, case.expected)
 
 
 def single_object_cases(num_seeds: int, seed_offset: int = 0) -> list[BenchCase]:
@@ -140,10 +191,51 @@ def two_object_cases(num_seeds: int, seed_offset: int = 0, num_prompts: int = 24
     ]
 
 
+HALF = IMAGE_SIZE // 2
+# Region layouts: halves for two objects, two top quarters and the bottom half for three.
+LAYOUTS: dict[str, tuple[tuple[float, float, float, float], ...]] = {
+    "left-right": ((0, 0, HALF, IMAGE_SIZE), (HALF, 0, IMAGE_SIZE, IMAGE_SIZE)),
+    "top-bottom": ((0, 0, IMAGE_SIZE, HALF), (0, HALF, IMAGE_SIZE, IMAGE_SIZE)),
+    "three": ((0, 0, HALF, HALF), (HALF, 0, IMAGE_SIZE, HALF), (0, HALF, IMAGE_SIZE, IMAGE_SIZE)),
+}
+
+
+def layout_cases(num_seeds: int, *, use_regions: bool = True, seed_offset: int = 0) -> list[BenchCase]:
+    """Two- and three-object prompts without spatial words, each object assigned a region of a fixed layout.
+
+    12 pairs x 2 two-object layouts + 6 triples = 30 layouts; with ``use_regions=False`` the same cases are the
+    uncontrolled baseline (scored against the same boxes).
+    """
+    objects = list(itertools.product(COLORS, SHAPES))
+    rng = np.random.default_rng(4321)
+    cases: list[BenchCase] = []
+    task = "layout" if use_regions else "layout baseline"
+
+    def distinct(count: int) -> tuple[tuple[str, str], ...]:
+        while True:
+            picked = [objects[i] for i in rng.choice(len(objects), size=count, replace=False)]
+            if len({c for c, _ in picked}) == count and len({s for _, s in picked}) == min(count, len(SHAPES)):
+                return tuple(picked)
+
+    groups = [("left-right", distinct(2)) for _ in range(6)] + [("top-bottom", distinct(2)) for _ in range(6)]
+    groups += [("left-right", distinct(2)) for _ in range(6)] + [("top-bottom", distinct(2)) for _ in range(6)]
+    groups += [("three", distinct(3)) for _ in range(6)]
+    for layout, chosen in groups:
+        names = [f"a {color} {shape}" for color, shape in chosen]
+        prompt = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        for seed in range(num_seeds):
+            cases.append(BenchCase(task, prompt, seed_offset + seed, chosen, LAYOUTS[layout], use_regions))
+    return cases
+
+
 TASKS: dict[str, Callable[[int], list[BenchCase]]] = {
     "single": single_object_cases,
     "two": two_object_cases,
+    "layout": layout_cases,
+    "layout-baseline": lambda num_seeds: layout_cases(num_seeds, use_regions=False),
 }
+# Tasks whose report row is compared with a baseline row of the same cases (difference with a 95% interval).
+BASELINES = {"layout": "layout baseline"}
 
 
 def generate_images(
@@ -151,14 +243,70 @@ def generate_images(
 ) -> list[Image.Image]:
     """Images for ``cases``, batched; each image has its own generator seeded by its case's seed."""
     images: list[Image.Image] = []
-    batches = range(0, len(cases), batch_size)
-    for start in tqdm(batches, desc="bench", disable=not progress, unit="batch"):
-        chunk = cases[start : start + batch_size]
+    chunks: list[list[BenchCase]] = []
+    for case in cases:
+        if chunks and len(chunks[-1]) < batch_size and _batch_key(chunks[-1][0]) == _batch_key(case):
+            chunks[-1].append(case)
+        else:
+            chunks.append([case])
+    regional = None
+    for chunk in tqdm(chunks, desc="bench", disable=not progress, unit="batch"):
         generators = [torch.Generator("cpu").manual_seed(case.seed) for case in chunk]
         kwargs = family_call_kwargs(pipe, call_kwargs, len(chunk))
-        output = pipe(prompt=[case.prompt for case in chunk], generator=generators, **kwargs)
+        if chunk[0].use_regions:
+            regional = regional or regional_pipeline(pipe)
+            kwargs.pop("negative_prompt", None)
+            if "true_cfg_scale" in kwargs:
+                kwargs["negative_prompt"] = ""
+            output = regional(
+                prompt=chunk[0].prompt,
+                regions=regions_for(chunk[0]),
+                num_images_per_prompt=len(chunk),
+                generator=generators,
+                **kwargs,
+            )
+        else:
+            output = pipe(prompt=[case.prompt for case in chunk], generator=generators, **kwargs)
         images.extend(output.images)
     return images
+
+
+def _batch_key(case: BenchCase) -> tuple:
+    """Plain cases batch freely; a regional call takes one prompt and one layout, so those must match."""
+    return (case.prompt, case.boxes) if case.use_regions else ("plain",)
+
+
+def regional_pipeline(pipe: Any) -> Any:
+    """The regional twin of a stock SD, SDXL or Flux pipeline, sharing its components."""
+    from attncontrol.pipelines import (
+        RegionalFluxPipeline,
+        RegionalStableDiffusionPipeline,
+        RegionalStableDiffusionXLPipeline,
+    )
+
+    if isinstance(pipe, (RegionalStableDiffusionPipeline, RegionalStableDiffusionXLPipeline, RegionalFluxPipeline)):
+        return pipe
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    twins = {
+        StableDiffusionXLPipeline: RegionalStableDiffusionXLPipeline,
+        FluxPipeline: RegionalFluxPipeline,
+        StableDiffusionPipeline: RegionalStableDiffusionPipeline,
+    }
+    for stock_cls, regional_cls in twins.items():
+        if isinstance(pipe, stock_cls):
+            regional = regional_cls.from_pipe(pipe)
+            regional.set_progress_bar_config(disable=True)
+            return regional
+    raise TypeError(f"layout tasks need an SD, SDXL or Flux pipeline, got {type(pipe).__name__}")
+
+
+def regions_for(case: BenchCase) -> list:
+    """One hard region per expected object: its box, tied to the phrase "colour shape" of the prompt."""
+    from attncontrol.controls import Region
+
+    pairs = zip(case.expected, case.boxes, strict=True)
+    return [Region.box(box, phrase=f"{color} {shape}") for (color, shape), box in pairs]
 
 
 def run_bench(
@@ -199,7 +347,7 @@ def run_bench(
         successes = 0
         for index, (case, image) in enumerate(zip(cases, images, strict=True)):
             detected = detect(image)
-            success = objects_present(detected, case.expected)
+            success = case_success(case, detected)
             successes += success
             path = None
             if out is not None:

@@ -12,6 +12,9 @@ from PIL import Image
 
 from attncontrol.shapes import ObjectSpec, render
 from attncontrol.shapes.bench import (
+    difference_interval,
+    layout_cases,
+    objects_in_boxes,
     objects_present,
     run_bench,
     single_object_cases,
@@ -105,6 +108,41 @@ def test_small_bench_on_a_real_pipeline(tmp_path):
     assert row.total == 12 and 0 <= row.successes <= 12
     assert len(list((tmp_path / "images" / "single").glob("*.png"))) == 12
     assert all(Image.open(tmp_path / r.image_path).size == (64, 64) for r in report.records)
+
+
+def test_layout_cases_and_scoring_by_box():
+    cases = layout_cases(4)
+    assert len(cases) == 120 and len({(c.prompt, c.boxes) for c in cases}) == 30
+    assert sum(len(c.expected) == 3 for c in cases) == 24
+    assert all(" on the " not in c.prompt and " at the " not in c.prompt for c in cases)
+    baseline = layout_cases(4, use_regions=False)
+    assert [(c.prompt, c.seed, c.boxes) for c in baseline] == [(c.prompt, c.seed, c.boxes) for c in cases]
+    scene = render([ObjectSpec("red", "circle", 16, 32, 8), ObjectSpec("blue", "square", 48, 32, 8)])
+    found = detect(scene.image)
+    left, right = (0, 0, 32, 64), (32, 0, 64, 64)
+    assert objects_in_boxes(found, [("red", "circle"), ("blue", "square")], [left, right])
+    assert not objects_in_boxes(found, [("red", "circle"), ("blue", "square")], [right, left])
+
+
+def test_difference_interval_matches_newcombe():
+    # Newcombe (1998), method 10, example (a): 56/70 vs 48/80 -> 0.0524 to 0.3339.
+    low, high = difference_interval(56, 70, 48, 80)
+    assert low == pytest.approx(0.0524, abs=5e-4) and high == pytest.approx(0.3339, abs=5e-4)
+
+
+def test_layout_bench_on_a_real_pipeline_reports_the_difference(tmp_path):
+    report = run_bench(
+        tiny_pipeline("sd"),
+        tasks=["layout", "layout-baseline"],
+        num_seeds=1,
+        num_inference_steps=1,
+        batch_size=8,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert [(row.task, row.total) for row in report.rows] == [("layout", 30), ("layout baseline", 30)]
+    assert "| layout - layout baseline |" in report.markdown()
+    assert len(list((tmp_path / "images" / "layout").glob("*.png"))) == 30
 
 
 def test_unknown_task_is_an_error():
