@@ -163,6 +163,8 @@ class RegionalAttention(AttentionControl):
             default 0.3 in soft mode, 0 (off) in hard mode.
         modulation_until: progress in [0, 1] after which the soft modulation stops (DenseDiffusion: 0.3); hard
             masks apply at every step the control is active.
+        hide_leaks: for causal text encoders (CLIP): inside a region, also hide the tokens that follow another
+            region's phrase (they carry it). Not for T5 (Flux), whose every token sees the whole prompt.
         layers / steps: where the control applies at all.
     """
 
@@ -177,6 +179,7 @@ class RegionalAttention(AttentionControl):
         self_strength: float | None = None,
         size_strength: float = 1.0,
         modulation_until: float = 0.3,
+        hide_leaks: bool = False,
         layers: LayerSpec = None,
         steps: StepSpec = None,
     ) -> None:
@@ -197,7 +200,10 @@ class RegionalAttention(AttentionControl):
         self.self_strength = float(self_strength)
         self.size_strength = float(size_strength)
         self.modulation_until = float(modulation_until)
-        self._owned_cache: dict = {}
+        self.hide_leaks = bool(hide_leaks)
+        # Hard biases depend only on the grid, the rows' roles, the weights of this step and the shapes: layers of
+        # one resolution share them, and constant weights make them reusable across steps.
+        self._bias_cache: dict = {}
 
     # ---------------------------------------------------------------- selection
     def applies_to_layer(self, layer) -> bool:
@@ -239,7 +245,30 @@ class RegionalAttention(AttentionControl):
             owned[:, tokens] = torch.maximum(owned[:, tokens], value.expand(-1, tokens.numel()))
             is_owned[tokens] = True
         ownership = torch.where(is_owned[None, :], owned, torch.zeros_like(owned))
+        if self.hide_leaks:
+            block = block + self._leak_bias(call, length, device)
         return block + ownership, ownership
+
+    def _leak_bias(self, call: AttentionCall, length: int, device: torch.device) -> torch.Tensor:
+        """Inside a region, hide the unowned tokens a causal encoder wrote after another region's phrase.
+
+        With CLIP, "and a", the end token and the padding after "red circle" all carry "red circle": they would
+        leak it into the blue square's region. Tokens before every other phrase only know the region's own words.
+        """
+        bias = torch.zeros(call.image_tokens, length, device=device)
+        owned_anywhere = torch.zeros(length, dtype=torch.bool, device=device)
+        for region in self.regions:
+            owned_anywhere[[t for t in region.tokens if t < length]] = True
+        for region in self.regions:
+            others = [min(other.tokens) for other in self.regions if other is not region and other.tokens]
+            if not others:
+                continue
+            leaked = torch.zeros(length, dtype=torch.bool, device=device)
+            leaked[min(others) :] = True
+            leaked &= ~owned_anywhere
+            inside = region.inside(call.grid, device)
+            bias[inside[:, None] & leaked[None, :]] = float("-inf")
+        return bias
 
     # ---------------------------------------------------------------- hooks
     def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -251,9 +280,33 @@ class RegionalAttention(AttentionControl):
             return hard if soft is None else soft
         return hard + soft
 
+    def reset(self) -> None:
+        self._bias_cache.clear()
+
     def _hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         if "text" not in call.key_segments or "image" not in call.query_segments:
             return None
+        weights = (*(region.weight(call.step) for region in self.regions), self.base_weight(call.step))
+        cache_key = (
+            call.grid,
+            tuple(call.batch.roles),
+            weights,
+            tuple(query.shape),
+            key.shape[2],
+            tuple(sorted((name, (s.start, s.stop)) for name, s in call.query_segments.items())),
+            tuple(sorted((name, (s.start, s.stop)) for name, s in call.key_segments.items())),
+            query.dtype,
+            str(query.device),
+        )
+        cached = self._bias_cache.get(cache_key)
+        if cached is None:
+            if len(self._bias_cache) > 64:
+                self._bias_cache.clear()
+            cached = self._build_hard_bias(call, query, key)
+            self._bias_cache[cache_key] = cached
+        return cached
+
+    def _build_hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         batch, device = query.shape[0], query.device
         cond_rows, uncond_rows = self._rows(call, batch)
         text, image_q = call.key_segments["text"], call.query_segments["image"]

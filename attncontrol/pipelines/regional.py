@@ -48,6 +48,9 @@ class RegionalMixin:
 
     #: attribute of the tokenizer whose tokens the denoiser's cross-attention reads
     _phrase_tokenizer = "tokenizer"
+    #: whether that text encoder is causal (CLIP): then tokens after a phrase carry it, and hard mode hides them
+    #: inside other regions (``hide_leaks``)
+    _causal_text = True
 
     # ------------------------------------------------------------------ family hooks
     def _encode_text(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
@@ -147,7 +150,7 @@ class RegionalMixin:
             return_attention_maps: attach an :class:`attncontrol.AttentionStore` of the conditional rows as
                 ``output.attention_maps``; pass your own store to choose what it keeps.
             region_options: further :class:`attncontrol.controls.RegionalAttention` arguments
-                (``self_strength``, ``modulation_until``, ``size_strength``, ``layers``, ``steps``).
+                (``hide_leaks``, ``self_strength``, ``modulation_until``, ``size_strength``, ``layers``, ``steps``).
         """
         return self._regional_call(
             super().__call__,
@@ -220,6 +223,7 @@ class RegionalMixin:
             call.pop("negative_prompt", None)
             call.update(base)
             base_tokens = slice(0, group_length) if region_prompts else None
+            options = {"hide_leaks": self._causal_text, **region_options}
             controls.append(
                 RegionalAttention(
                     resolved,
@@ -227,7 +231,7 @@ class RegionalMixin:
                     base_weight=base_weight,
                     base_tokens=base_tokens,
                     cross_strength=region_strength,
-                    **region_options,
+                    **options,
                 )
             )
         else:
@@ -314,6 +318,7 @@ class RegionalFluxPipeline(RegionalMixin, FluxPipeline):
     """``FluxPipeline`` with ``regions=[...]``: phrases are T5 tokens, the sequence Flux's joint attention reads."""
 
     _phrase_tokenizer = "tokenizer_2"
+    _causal_text = False
     _encode_text = _encode_flux
     _default_size = _flux_size
 

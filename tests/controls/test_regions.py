@@ -186,3 +186,21 @@ def test_bad_regions_fail_before_generating():
             run(pipe, "sd", regions=regions, max_regions=2)
     with pytest.raises(RegionError, match="`region_mode`"):
         run(pipe, "sd", regions=[left], region_mode="medium")
+
+
+def test_causal_leaks_are_hidden_inside_other_regions():
+    # "<bos> a red circle and a blue square <eos> <pad>...": "and a" (4, 5) and the end/padding (8...) were written
+    # after "red circle", so CLIP's causal encoder put it in them; the end/padding also carry "blue square".
+    pipe = regional("sd")
+    regions = [Region.box(LEFT, phrase="red circle"), Region.box(RIGHT, phrase="blue square")]
+    store = run(pipe, "sd", regions=regions, return_attention_maps=True).attention_maps
+    for record in store.records("cross"):
+        left = inside(LEFT, (32, 48), record.grid)
+        right = inside(RIGHT, (32, 48), record.grid) & ~left
+        probs = record.probs
+        assert float(probs[:, right][:, :, [4, 5, 8, 20]].abs().max()) == 0.0
+        assert float(probs[:, left][:, :, [8, 20]].abs().max()) == 0.0
+        assert float(probs[:, left][:, :, [4, 5]].min()) > 0.0
+        assert float(probs[:, right][:, :, [0, 1, 6, 7]].min()) > 0.0
+    # Flux's T5 reads the prompt both ways, so there is nothing causal to hide: off by default.
+    assert not RegionalFluxPipeline._causal_text
