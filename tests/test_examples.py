@@ -42,3 +42,11 @@ def test_attention_maps_example_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["attention_maps.py", "--steps", "2", "--size", "32", "48", "--out", str(tmp_path)])
     module.main()
     assert {p.name for p in tmp_path.iterdir()} == {"image.png", "red.png", "blue_square.png", "strip.png"}
+
+
+def test_regional_prompts_example_runs(tmp_path, monkeypatch):
+    module = load_example("regional_prompts")
+    argv = ["regional_prompts.py", "--model", "tiny-sd", "--steps", "2", "--size", "32", "48", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    module.main()
+    assert {p.name for p in tmp_path.iterdir()} == {"uncontrolled.png", "regional.png", "layout.png", "strip.png"}
