@@ -210,7 +210,8 @@ class SceneGenerator:
                     f"`count_weights` must be {max_objects} non-negative numbers with a positive sum, "
                     f"got {count_weights}"
                 )
-            count_weights = tuple(float(w) for w in weights / weights.sum())
+            # Equal weights keep the uniform draw, so such a generator makes exactly the default scenes.
+            count_weights = None if np.all(weights == weights[0]) else tuple(float(w) for w in weights / weights.sum())
         self.count_weights = count_weights
         self.seed = seed
         self.max_objects = max_objects

@@ -37,7 +37,6 @@ from attncontrol.training.common import (
     warmup_cosine,
 )
 from attncontrol.training.shapes_text import (
-    MAX_LENGTH,
     TEXT_HIDDEN,
     shapes_clip_text_encoder,
     shapes_clip_tokenizer,
@@ -52,8 +51,12 @@ logger = logging.getLogger("attncontrol.training.shapes_flux")
 class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-flux"
     vae: str = ""
-    steps: int = 6000
-    minutes: float = 70.0
+    pool_size: int = 20000
+    pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
+    vocab_size: int = 16384
+    max_length: int = 32
+    steps: int = 5000
+    minutes: float = 44.0
     batch: int = 32
     lr: float = 1e-3
     layers: int = 2
@@ -62,11 +65,11 @@ class Config(ShapesTrainingConfig):
     head_dim: int = 16
 
 
-def build_text_encoders():
+def build_text_encoders(config: Config):
     from transformers import T5Config, T5EncoderModel
 
     # CLIP only gives Flux its pooled vector; T5 carries the per-token text the joint attention reads.
-    clip = shapes_clip_text_encoder(num_layers=2)
+    clip = shapes_clip_text_encoder(2, config.vocab_size, config.max_length)
     t5 = T5EncoderModel(
         T5Config(
             d_model=TEXT_HIDDEN,
@@ -74,7 +77,7 @@ def build_text_encoders():
             d_kv=16,
             num_layers=2,
             num_heads=4,
-            vocab_size=len(shapes_t5_tokenizer()),
+            vocab_size=len(shapes_t5_tokenizer(config.vocab_size, config.max_length)),
             dropout_rate=0.0,
         )
     )
@@ -101,16 +104,16 @@ def build_transformer(config: Config):
     )
 
 
-def build_pipeline(vae, clip, t5, transformer):
+def build_pipeline(vae, clip, t5, transformer, config: Config):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
         vae=vae,
         text_encoder=clip,
-        tokenizer=shapes_clip_tokenizer(),
+        tokenizer=shapes_clip_tokenizer(config.vocab_size, config.max_length),
         text_encoder_2=t5,
-        tokenizer_2=shapes_t5_tokenizer(),
+        tokenizer_2=shapes_t5_tokenizer(config.vocab_size, config.max_length),
         transformer=transformer,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -133,13 +136,12 @@ def image_ids(height: int, width: int) -> torch.Tensor:
 
 
 def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    clip_ids = clip_tok(
-        texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids
+    """T5 sequence and pooled CLIP vector, each padded to its tokenizer's length (what FluxPipeline feeds)."""
+    options = {"padding": "max_length", "truncation": True, "return_tensors": "pt"}
+    clip_ids = clip_tok(texts, max_length=clip_tok.model_max_length, **options).input_ids
     pooled = clip(clip_ids.to(device), output_hidden_states=False).pooler_output
-    t5_ids = t5_tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    sequence = t5(t5_ids.to(device))[0]
-    return sequence, pooled
+    t5_ids = t5_tok(texts, max_length=t5_tok.model_max_length, **options).input_ids
+    return t5(t5_ids.to(device))[0], pooled
 
 
 def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
@@ -154,9 +156,10 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
 
     torch.manual_seed(config.seed)
-    clip, t5 = build_text_encoders()
+    clip, t5 = build_text_encoders(config)
     transformer = build_transformer(config)
-    clip_tok, t5_tok = shapes_clip_tokenizer(), shapes_t5_tokenizer()
+    clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
+    t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)
     modules = [transformer, clip, t5]
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
@@ -175,7 +178,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     transformer, clip, t5, optimizer = accelerator.prepare(transformer, clip, t5, optimizer)
     live = [accelerator.unwrap_model(m) for m in (transformer, clip, t5)]
     ids = image_ids(grid, grid).to(accelerator.device)
-    text_ids = torch.zeros(MAX_LENGTH, 3, device=accelerator.device)
+    text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
     started = time.perf_counter()
     losses: list[float] = []
@@ -211,11 +214,11 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % config.probe_every == 0 or step == config.steps:
             accuracy = probe_single_objects(
-                build_pipeline(vae, emas[1], emas[2], emas[0]),
+                build_pipeline(vae, emas[1], emas[2], emas[0], config),
                 config.probe_steps,
                 negative_prompt="",
                 true_cfg_scale=5.0,
-                max_sequence_length=MAX_LENGTH,
+                max_sequence_length=config.max_length,
             )
             history.append(
                 {
@@ -239,7 +242,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
                 },
             )
     bar.close()
-    pipeline = build_pipeline(vae, emas[1], emas[2], emas[0])
+    pipeline = build_pipeline(vae, emas[1], emas[2], emas[0], config)
     export = out / "pipeline"
     pipeline.to(torch.float16).save_pretrained(export)
     metrics = {

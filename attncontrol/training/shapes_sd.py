@@ -42,12 +42,7 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
-from attncontrol.training.shapes_text import (
-    MAX_LENGTH,
-    TEXT_HIDDEN,
-    shapes_clip_text_encoder,
-    shapes_clip_tokenizer,
-)
+from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_sd")
@@ -56,13 +51,13 @@ logger = logging.getLogger("attncontrol.training.shapes_sd")
 @dataclass
 class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-sd"
-    unet_steps: int = 4800
+    unet_steps: int = 6000
     unet_minutes: float = 70.0
     unet_batch: int = 32
     unet_lr: float = 1e-3
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
-    text_layers: int = 4
+    text_layers: int = 2
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -108,13 +103,13 @@ def inference_scheduler():
 
 
 # ---------------------------------------------------------------------------------------------------- stage 2
-def build_pipeline(vae, text_encoder, unet):
+def build_pipeline(vae, text_encoder, unet, config: Config):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=shapes_clip_tokenizer(),
+        tokenizer=shapes_clip_tokenizer(config.vocab_size, config.max_length),
         unet=unet,
         scheduler=inference_scheduler(),
         safety_checker=None,
@@ -137,9 +132,9 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     logger.info("unet: pool of %d latents %s, scaling factor %.4f", len(latents), tuple(latents.shape[1:]), scaling)
 
     torch.manual_seed(config.seed)
-    text_encoder = shapes_clip_text_encoder(config.text_layers)
+    text_encoder = shapes_clip_text_encoder(config.text_layers, config.vocab_size, config.max_length)
     unet = build_unet(tuple(config.unet_channels))
-    tokenizer = shapes_clip_tokenizer()
+    tokenizer = shapes_clip_tokenizer(config.vocab_size, config.max_length)
     scheduler = train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
@@ -166,7 +161,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         index = torch.randint(0, len(latents), (config.unet_batch,))
         batch = latents[index].to(accelerator.device)
         texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        ids = tokenizer(texts, padding="max_length", max_length=config.max_length, truncation=True, return_tensors="pt")
         ids = ids.input_ids
         encoder_states = text_encoder(ids.to(accelerator.device))[0]
         noise = torch.randn_like(batch)
@@ -193,7 +188,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % config.probe_every == 0 or step == config.unet_steps:
-            probe_pipeline = build_pipeline(vae, ema_text, ema_unet)
+            probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
             accuracy = probe_single_objects(probe_pipeline, config.probe_steps, guidance_scale=5.0)
             history.append(
                 {
@@ -219,7 +214,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 },
             )
     bar.close()
-    pipeline = build_pipeline(vae, ema_text, ema_unet)
+    pipeline = build_pipeline(vae, ema_text, ema_unet, config)
     export = out / "pipeline"
     pipeline.to(torch.float16).save_pretrained(export)
     metrics = {

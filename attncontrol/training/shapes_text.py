@@ -1,38 +1,37 @@
-"""The shapes models' text side: one place for the vocabulary, the prompt length and the text-encoder size.
+"""The shapes models' text side: one place for the tokenizers and the small CLIP text encoder they train.
 
-Shapes-world captions are at most ~20 CLIP tokens and use only common words, so both shipped models keep CLIP's
-first 16,384 BPE tokens (every caption word is still a single token) and encode prompts to 32 positions instead of
-77. That shrinks the embedding tables (most of a small text encoder's weights) and the per-step text cost, and the
-pipelines pick both up from the saved tokenizer, so inference matches training.
+The vocabulary and prompt length are settings of each training config. The full CLIP BPE (49,408 tokens, 77
+positions) is what the shipped SD-architecture model was trained with; shapes-world captions are at most ~20 tokens
+of common words, so ``vocab_size=16384, max_length=32`` keeps every caption word a single token while shrinking the
+embedding table (most of a small text encoder's weights) and the per-step text cost. Pipelines pick both up from
+the saved tokenizer, so inference matches training.
 """
 
 from __future__ import annotations
 
 from attncontrol.testing.tiny import clip_text_config, clip_tokenizer, t5_tokenizer
 
-VOCAB_SIZE = 16384
-MAX_LENGTH = 32
 TEXT_HIDDEN = 64
 
 
-def shapes_clip_tokenizer():
-    return clip_tokenizer(vocab_size=VOCAB_SIZE, max_length=MAX_LENGTH)
+def shapes_clip_tokenizer(vocab_size: int, max_length: int):
+    return clip_tokenizer(vocab_size=vocab_size, max_length=max_length)
 
 
-def shapes_t5_tokenizer():
-    return t5_tokenizer(vocab_size=VOCAB_SIZE, max_length=MAX_LENGTH)
+def shapes_t5_tokenizer(vocab_size: int, max_length: int):
+    return t5_tokenizer(vocab_size=vocab_size, max_length=max_length)
 
 
-def shapes_clip_text_encoder(num_layers: int):
-    """A CLIP text encoder (hidden 64) over the shapes vocabulary; causal, as in every SD/Flux pipeline."""
+def shapes_clip_text_encoder(num_layers: int, vocab_size: int, max_length: int):
+    """A CLIP text encoder (hidden 64) over the given vocabulary; causal, as in every SD/Flux pipeline."""
     from transformers import CLIPTextModel
 
     config = clip_text_config(
         TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
         projection_dim=TEXT_HIDDEN,
-        vocab_size=VOCAB_SIZE,
-        max_length=MAX_LENGTH,
+        vocab_size=vocab_size,
+        max_length=max_length,
         num_layers=num_layers,
     )
     return CLIPTextModel(config)

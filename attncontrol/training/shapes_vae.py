@@ -37,8 +37,11 @@ class ShapesTrainingConfig:
     vae_lr: float = 2e-3
     vae_probe_scenes: int = 200
     pool_size: int = 30000
-    # Chances of 1, 2 and 3 objects in the denoiser's training pool.
-    pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
+    # Relative chances of 1, 2 and 3 objects in the denoiser's training pool (equal: the generator's uniform draw).
+    pool_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Text side: CLIP BPE size and prompt length (see attncontrol.training.shapes_text).
+    vocab_size: int = 49408
+    max_length: int = 77
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1

@@ -39,6 +39,9 @@ def test_count_weights_shift_the_number_of_objects():
     leaning = SceneGenerator(0, count_weights=(1, 3, 1)).batch(0, 400)
     twos = sum(len(scene.objects) == 2 for scene in leaning) / 400
     assert 0.5 < twos < 0.7
+    # Equal weights are the default uniform draw: the very same scenes.
+    same = SceneGenerator(0, count_weights=(2, 2, 2)).batch(0, 20)
+    assert [s.caption for s in same] == [s.caption for s in SceneGenerator(0).batch(0, 20)]
     for bad in [(1, 1), (1, -1, 1), (0, 0, 0), (1, float("nan"), 1)]:
         with pytest.raises(ValueError, match="`count_weights` must be 3 non-negative numbers"):
             SceneGenerator(0, count_weights=bad)

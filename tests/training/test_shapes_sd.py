@@ -7,7 +7,6 @@ import json
 import torch
 
 from attncontrol.training import shapes_sd
-from attncontrol.training.shapes_text import MAX_LENGTH, VOCAB_SIZE
 
 TINY = [
     "--vae-probe-scenes",
@@ -47,6 +46,7 @@ def test_train_resume_and_export(tmp_path):
     assert torch.load(out / "checkpoint-unet.pt", weights_only=False)["step"] == 6
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size == shapes_sd.Config().vocab_size
     assert pipe.unet.dtype == torch.float32
     assert next(pipe.unet.parameters()).dtype == torch.float32
     from safetensors import safe_open
@@ -73,7 +73,8 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     ])  # fmt: skip
     assert torch.load(out / "checkpoint-flux.pt", weights_only=False)["step"] == 2
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
-    assert pipe.tokenizer_2.model_max_length == pipe.tokenizer.model_max_length == MAX_LENGTH
-    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == VOCAB_SIZE
+    config = shapes_flux.Config()
+    assert pipe.tokenizer_2.model_max_length == pipe.tokenizer.model_max_length == config.max_length
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == config.vocab_size
     report = run_bench(pipe, tasks=["single"], num_seeds=1, num_inference_steps=2, batch_size=12, progress=False)
     assert report.rows[0].total == 12
