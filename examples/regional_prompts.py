@@ -33,7 +33,8 @@ def layout_picture(regions: list[Region], phrases: list[str], size: tuple[int, i
     for index, (region, phrase) in enumerate(zip(regions, phrases, strict=True)):
         x0, y0, x1, y1 = region.mask
         draw.rectangle((x0 * width, y0 * height, x1 * width - 1, y1 * height - 1), outline=COLORS[index % 4], width=2)
-        draw.text((x0 * width + 3, y0 * height + 2), phrase, fill=COLORS[index % 4])
+        if (x1 - x0) * width >= 8 * len(phrase):  # label only where it fits
+            draw.text((x0 * width + 3, y0 * height + 2), phrase, fill=COLORS[index % 4])
     return picture
 
 
