@@ -16,8 +16,9 @@ import torch
 
 from attncontrol.controls import Region
 from attncontrol.models import load_pipeline
+from attncontrol.pipelines import to_regional
 from attncontrol.shapes import detect
-from attncontrol.shapes.bench import case_success, layout_cases, regional_pipeline, regions_for
+from attncontrol.shapes.bench import case_success, layout_cases, regions_for
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
 
-    pipe = regional_pipeline(load_pipeline(args.model))
+    pipe = to_regional(load_pipeline(args.model))
     groups: dict[tuple, list] = {}
     for case in layout_cases(args.num_seeds):
         groups.setdefault((case.prompt, case.boxes), []).append(case)

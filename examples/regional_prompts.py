@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from attncontrol import token_indices
 from attncontrol.controls import Region
 from attncontrol.models import family_call_kwargs, load_pipeline
-from attncontrol.shapes.bench import regional_pipeline
+from attncontrol.pipelines import to_regional
 
 COLORS = [(220, 40, 40), (40, 70, 220), (40, 170, 60), (235, 205, 35)]
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
-    pipe = regional_pipeline(load_pipeline(args.model))  # the Regional* twin, sharing the loaded components
+    pipe = to_regional(load_pipeline(args.model))  # the Regional* twin, sharing the loaded components
     count = len(args.phrases)
     boxes = [(index / count, 0.0, (index + 1) / count, 1.0) for index in range(count)]  # side-by-side columns
     if args.region_prompts:

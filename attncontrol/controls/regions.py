@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -201,8 +201,8 @@ class RegionalAttention(AttentionControl):
         self.size_strength = float(size_strength)
         self.modulation_until = float(modulation_until)
         self.hide_leaks = bool(hide_leaks)
-        # Hard biases depend only on the grid, the rows' roles, the weights of this step and the shapes: layers of
-        # one resolution share them, and constant weights make them reusable across steps.
+        # Hard biases and soft layouts depend only on the grid, the rows' roles, the weights of this step and the
+        # shapes: layers of one resolution share them, and constant weights make them reusable across steps.
         self._bias_cache: dict = {}
 
     # ---------------------------------------------------------------- selection
@@ -298,13 +298,17 @@ class RegionalAttention(AttentionControl):
             query.dtype,
             str(query.device),
         )
-        cached = self._bias_cache.get(cache_key)
-        if cached is None:
+        return self._cached(cache_key, lambda: self._build_hard_bias(call, query, key))
+
+    def _cached(self, key: tuple, build: Callable[[], object]) -> Any:
+        """Per-resolution layouts and biases, built once and shared by every layer of that grid."""
+        value = self._bias_cache.get(key)
+        if value is None:
             if len(self._bias_cache) > 64:
                 self._bias_cache.clear()
-            cached = self._build_hard_bias(call, query, key)
-            self._bias_cache[cache_key] = cached
-        return cached
+            value = build()
+            self._bias_cache[key] = value
+        return value
 
     def _build_hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         batch, device = query.shape[0], query.device
@@ -363,10 +367,16 @@ class RegionalAttention(AttentionControl):
             return None
         parts = []
         cross, self_ = self.cross_strength * time_scale, self.self_strength * time_scale
+        weights = tuple(region.weight(call.step) for region in self.regions)
         if self.mode == "soft" and "text" in call.key_segments and cross > 0:
-            parts.append((call.key_segments["text"], cross, *self._cross_layout(call, device)))
+            text = call.key_segments["text"]
+            cache_key = ("cross", call.grid, text.stop - text.start, weights, str(device))
+            layout = self._cached(cache_key, lambda: self._cross_layout(call, device))
+            parts.append((text, cross, *layout))
         if "image" in call.key_segments and self_ > 0:
-            parts.append((call.key_segments["image"], self_, *self._self_layout(call, device)))
+            cache_key = ("self", call.grid, weights, str(device))
+            layout = self._cached(cache_key, lambda: self._self_layout(call, device))
+            parts.append((call.key_segments["image"], self_, *layout))
         parts = [part for part in parts if bool((part[3] != 0).any())]
         if not parts:
             return None

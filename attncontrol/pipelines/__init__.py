@@ -4,6 +4,12 @@ from attncontrol.pipelines.regional import (
     RegionalFluxPipeline,
     RegionalStableDiffusionPipeline,
     RegionalStableDiffusionXLPipeline,
+    to_regional,
 )
 
-__all__ = ["RegionalFluxPipeline", "RegionalStableDiffusionPipeline", "RegionalStableDiffusionXLPipeline"]
+__all__ = [
+    "RegionalFluxPipeline",
+    "RegionalStableDiffusionPipeline",
+    "RegionalStableDiffusionXLPipeline",
+    "to_regional",
+]

@@ -323,10 +323,28 @@ class RegionalFluxPipeline(RegionalMixin, FluxPipeline):
     _default_size = _flux_size
 
 
+def to_regional(pipe: Any) -> Any:
+    """The regional twin of a stock SD, SDXL or Flux pipeline, sharing its components (``from_pipe``)."""
+    if isinstance(pipe, RegionalMixin):
+        return pipe
+    twins = (
+        (StableDiffusionXLPipeline, RegionalStableDiffusionXLPipeline),
+        (FluxPipeline, RegionalFluxPipeline),
+        (StableDiffusionPipeline, RegionalStableDiffusionPipeline),
+    )
+    for stock_cls, regional_cls in twins:
+        if isinstance(pipe, stock_cls):
+            regional = regional_cls.from_pipe(pipe)
+            regional.set_progress_bar_config(disable=True)
+            return regional
+    raise TypeError(f"regional prompts need an SD, SDXL or Flux pipeline, got {type(pipe).__name__}")
+
+
 __all__ = [
     "Region",
     "RegionalFluxPipeline",
     "RegionalMixin",
     "RegionalStableDiffusionPipeline",
     "RegionalStableDiffusionXLPipeline",
+    "to_regional",
 ]

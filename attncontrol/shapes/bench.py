@@ -254,7 +254,10 @@ def generate_images(
         generators = [torch.Generator("cpu").manual_seed(case.seed) for case in chunk]
         kwargs = family_call_kwargs(pipe, call_kwargs, len(chunk))
         if chunk[0].use_regions:
-            regional = regional or regional_pipeline(pipe)
+            if regional is None:
+                from attncontrol.pipelines.regional import to_regional  # diffusers pipelines: only when needed
+
+                regional = to_regional(pipe)
             kwargs.pop("negative_prompt", None)
             if "true_cfg_scale" in kwargs:
                 kwargs["negative_prompt"] = ""
@@ -274,31 +277,6 @@ def generate_images(
 def _batch_key(case: BenchCase) -> tuple:
     """Plain cases batch freely; a regional call takes one prompt and one layout, so those must match."""
     return (case.prompt, case.boxes) if case.use_regions else ("plain",)
-
-
-def regional_pipeline(pipe: Any) -> Any:
-    """The regional twin of a stock SD, SDXL or Flux pipeline, sharing its components."""
-    from attncontrol.pipelines import (
-        RegionalFluxPipeline,
-        RegionalStableDiffusionPipeline,
-        RegionalStableDiffusionXLPipeline,
-    )
-
-    if isinstance(pipe, (RegionalStableDiffusionPipeline, RegionalStableDiffusionXLPipeline, RegionalFluxPipeline)):
-        return pipe
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    twins = {
-        StableDiffusionXLPipeline: RegionalStableDiffusionXLPipeline,
-        FluxPipeline: RegionalFluxPipeline,
-        StableDiffusionPipeline: RegionalStableDiffusionPipeline,
-    }
-    for stock_cls, regional_cls in twins.items():
-        if isinstance(pipe, stock_cls):
-            regional = regional_cls.from_pipe(pipe)
-            regional.set_progress_bar_config(disable=True)
-            return regional
-    raise TypeError(f"layout tasks need an SD, SDXL or Flux pipeline, got {type(pipe).__name__}")
 
 
 def regions_for(case: BenchCase) -> list:
