@@ -3,8 +3,9 @@
     python -m attncontrol.training.shapes_flux --out runs/shapes-flux --vae runs/shapes-sd/vae
     python -m attncontrol.training.shapes_flux --out runs/shapes-flux --resume
 
-Rectified flow on packed latents, as Flux is trained: ``x_t = (1 - t) x_0 + t noise`` with logit-normal ``t`` and
-velocity target ``noise - x_0``; the transformer sees ``t`` in [0, 1] (the pipeline passes ``timestep / 1000``).
+Rectified flow on packed latents, as Flux is trained: ``x_t = (1 - t) x_0 + t noise`` with velocity target
+``noise - x_0``; ``t`` is logit-normal by default (``--timestep-sampling``) and the transformer sees it in [0, 1]
+(the pipeline passes ``timestep / 1000``).
 There is no guidance distillation, so the model is trained with 10% empty captions and sampled with true CFG:
 ``pipe(prompt, negative_prompt="", true_cfg_scale=5.0, max_sequence_length=32)`` (the bench does this for you).
 
@@ -55,14 +56,18 @@ class Config(ShapesTrainingConfig):
     pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
     vocab_size: int = 16384
     max_length: int = 32
-    steps: int = 5000
-    minutes: float = 44.0
+    steps: int = 3500
+    minutes: float = 46.0
     batch: int = 32
     lr: float = 1e-3
     layers: int = 2
     single_layers: int = 4
     heads: int = 4
-    head_dim: int = 16
+    head_dim: int = 32
+    # DiT's adaLN-Zero: every block starts as the identity and the output head at zero (diffusers' Flux does not).
+    adaln_zero: bool = True
+    # "logit-normal" (SD3's choice; measured no worse here than "uniform" in 800-step pilots) or "uniform".
+    timestep_sampling: str = "logit-normal"
 
 
 def build_text_encoders(config: Config):
@@ -87,10 +92,8 @@ def build_text_encoders(config: Config):
 def build_transformer(config: Config):
     from diffusers import FluxTransformer2DModel
 
-    # RoPE axes (id, row, col) must sum to the head dim; rows and columns get 3/8 each (16 -> 4, 6, 6).
-    spatial = config.head_dim * 3 // 8
-    rope = [config.head_dim - 2 * spatial, spatial, spatial]
-    return FluxTransformer2DModel(
+    rope = rope_axes(config.head_dim)
+    transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=config.layers,
@@ -102,6 +105,36 @@ def build_transformer(config: Config):
         guidance_embeds=False,
         axes_dims_rope=rope,
     )
+    if config.adaln_zero:
+        zero_init_modulation(transformer)
+    return transformer
+
+
+def rope_axes(head_dim: int) -> list[int]:
+    """RoPE dims per (id, row, col) axis: nearly all to rows and columns, 4 to the id axis (always 0 here).
+
+    Flux's RoPE uses theta 10,000, so on an 8x8 token grid only the first few frequencies of an axis turn enough
+    to tell neighbours apart, and the first alone (1 rad per token) repeats every ~6 tokens. An axis needs several
+    pairs to place a token unambiguously: 14 dims (7 frequencies, the second at 0.27 rad per token) at head_dim 32;
+    with 6 dims (head_dim 16) the samples came out as scattered blobs.
+    """
+    spatial = (head_dim - 4) // 4 * 2
+    return [head_dim - 2 * spatial, spatial, spatial]
+
+
+def zero_init_modulation(transformer) -> None:
+    """Zero the adaptive-norm projections and the output layer (DiT's adaLN-Zero).
+
+    The gates start at 0, so each block is the identity until it learns what to add; the DiT paper found this
+    initialisation trains markedly faster than plain adaLN, which matters for a model trained in 45 CPU minutes.
+    """
+    layers = [block.norm1.linear for block in transformer.transformer_blocks]
+    layers += [block.norm1_context.linear for block in transformer.transformer_blocks]
+    layers += [block.norm.linear for block in transformer.single_transformer_blocks]
+    layers += [transformer.norm_out.linear, transformer.proj_out]
+    for layer in layers:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 def build_pipeline(vae, clip, t5, transformer, config: Config):
@@ -118,6 +151,15 @@ def build_pipeline(vae, clip, t5, transformer, config: Config):
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
+    """Flow-matching times t in (0, 1); t = 1 is pure noise."""
+    if kind == "uniform":
+        return torch.rand(count, device=device)
+    if kind == "logit-normal":
+        return torch.sigmoid(torch.randn(count, device=device))
+    raise ValueError(f"`timestep_sampling` must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -189,7 +231,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
         texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
         sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
         noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+        t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
         noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         prediction = transformer(
             hidden_states=noisy,
