@@ -2,6 +2,7 @@
 
     python benchmarks/regional_variants.py --num-seeds 3
     python benchmarks/regional_variants.py --variants default self3 prompts
+    python benchmarks/regional_variants.py --variants default optimized --model shapes-flux
 
 Prints, per variant, how many cases put every object in its box with the right colour and shape. The bench's
 ``layout`` task is the ``default`` variant; this script is for finding better settings before changing defaults.
@@ -15,10 +16,11 @@ import time
 import torch
 
 from attncontrol.controls import Region
-from attncontrol.models import load_pipeline
+from attncontrol.models import family_call_kwargs, load_pipeline
 from attncontrol.pipelines import to_regional
 from attncontrol.shapes import detect
 from attncontrol.shapes.bench import case_success, layout_cases, regions_for
+from attncontrol.shapes.losses import region_color_loss
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -31,6 +33,10 @@ VARIANTS: dict[str, dict] = {
     "soft": {"region_mode": "soft"},
     "prompts": {"prompts": True},
     "prompts-base0.3": {"prompts": True, "base_weight": 0.3},
+    # Spatial-Temporal control: per-step weights optimized per image against the shapes-world colour loss.
+    "optimized": {"optimize": {}},
+    "optimized-lr0.3": {"optimize": {"lr": 0.3}},
+    "optimized-self3": {"optimize": {}, "region_options": {"self_strength": 3.0, "modulation_until": 0.4}},
 }
 
 
@@ -50,6 +56,7 @@ def main() -> None:
         options = dict(VARIANTS[name])
         use_prompts = options.pop("prompts", False)
         weight = options.pop("weight", None)
+        optimize = options.pop("optimize", None)
         started, placed, total = time.perf_counter(), 0, 0
         for (prompt, boxes), cases in groups.items():
             if use_prompts:
@@ -60,15 +67,33 @@ def main() -> None:
             if weight is not None:
                 for region in regions:
                     region.weight = weight
+            if optimize is not None:
+                for case in cases:
+                    result = pipe.optimize_region_weights(
+                        prompt,
+                        regions=regions,
+                        loss_fn=region_color_loss,
+                        seed=case.seed,
+                        progress=False,
+                        num_inference_steps=args.steps,
+                        height=64,
+                        width=64,
+                        **family_call_kwargs(pipe, {"guidance_scale": 5.0}, 1),
+                        **optimize,
+                        **options,
+                    )
+                    placed += case_success(case, detect(result.images[0]))
+                    total += 1
+                continue
             output = pipe(
                 prompt,
                 regions=regions,
                 num_inference_steps=args.steps,
-                guidance_scale=5.0,
                 height=64,
                 width=64,
                 num_images_per_prompt=len(cases),
                 generator=[torch.Generator().manual_seed(case.seed) for case in cases],
+                **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(cases)),
                 **options,
             )
             placed += sum(case_success(case, detect(image)) for case, image in zip(cases, output.images, strict=True))

@@ -36,7 +36,8 @@ from attncontrol.core.layers import LayerSpec
 from attncontrol.core.masks import MaskLike, SpatialMask, circle_mask
 from attncontrol.core.state import StepState
 
-WeightSpec = Union[float, Sequence[float], Callable[[float], float]]  # noqa: UP007 - runtime alias
+WeightSpec = Union[float, Sequence[float], Callable[[float], float], torch.Tensor]  # noqa: UP007 - runtime alias
+Weight = Union[float, torch.Tensor]  # noqa: UP007 - a tensor when the weights are being optimized
 REGION_MODES = ("hard", "soft")
 
 
@@ -58,7 +59,9 @@ class Region:
         phrase: what, as a span of the main prompt ("red circle"); its tokens are tied to the region.
         prompt: what, as the region's own prompt ("a red circle"); encoded separately, tied to the region.
         weight: a number, one number per denoising step, or a function of the progress in [0, 1) (the
-            Spatial-Temporal paper's time-varying weights). Must be finite and >= 0.
+            Spatial-Temporal paper's time-varying weights). Must be finite and >= 0. A tensor (0-d, or one value
+            per step) stays in the autograd graph, so weights can be optimized against a loss
+            (:meth:`attncontrol.pipelines.regional.RegionalMixin.optimize_region_weights`).
     """
 
     mask: MaskLike | Circle
@@ -82,8 +85,31 @@ def _check_weight_value(value: float, name: str) -> float:
     return value
 
 
-def weight_schedule(spec: WeightSpec, name: str = "weight") -> Callable[[StepState], float]:
-    """A weight as a function of the step: constants, per-step lists (indexed by step) or ``f(progress)``."""
+def _step_position(step: StepState, length: int) -> int:
+    """Index into a per-step list; a list made for another step count is read at the same progress."""
+    if step.index is None:
+        return 0
+    if step.num_steps and length != step.num_steps:
+        return min(length - 1, int((step.fraction or 0.0) * length))
+    return min(step.index, length - 1)
+
+
+def weight_schedule(spec: WeightSpec, name: str = "weight") -> Callable[[StepState], Weight]:
+    """A weight as a function of the step: constants, per-step lists (indexed by step) or ``f(progress)``.
+
+    Tensors (0-d or 1-d per step) are returned as tensors, so gradients flow back to them.
+    """
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() > 1 or spec.numel() == 0:
+            raise RegionError(
+                f"`{name}` as a tensor must be 0-d or 1-d with one value per step, got {tuple(spec.shape)}"
+            )
+        values = spec.detach()
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise RegionError(f"`{name}` must be finite and >= 0, got {values.tolist()}")
+        if spec.dim() == 0:
+            return lambda step: spec
+        return lambda step: spec[_step_position(step, spec.numel())]
     if callable(spec):
 
         def from_function(step: StepState) -> float:
@@ -98,13 +124,7 @@ def weight_schedule(spec: WeightSpec, name: str = "weight") -> Callable[[StepSta
         values = [_check_weight_value(v, f"{name}[{i}]") for i, v in enumerate(spec)]
 
         def from_list(step: StepState) -> float:
-            if step.index is None:
-                return values[0]
-            if step.num_steps and len(values) != step.num_steps:
-                # A list made for another step count is read at the same progress.
-                position = (step.fraction or 0.0) * len(values)
-                return values[min(len(values) - 1, int(position))]
-            return values[min(step.index, len(values) - 1)]
+            return values[_step_position(step, len(values))]
 
         return from_list
     raise RegionError(f"`{name}` must be a number, a non-empty list of numbers or a function, got {spec!r}")
@@ -116,7 +136,7 @@ class ResolvedRegion:
 
     mask: SpatialMask
     tokens: list[int]
-    weight: Callable[[StepState], float]
+    weight: Callable[[StepState], Weight]
     group: slice | None = None  # its own prompt's positions (per-region prompts), hidden from unconditional rows
     name: str = "region"
     _inside: dict = field(default_factory=dict, repr=False)
@@ -228,7 +248,7 @@ class RegionalAttention(AttentionControl):
         block = torch.zeros(call.image_tokens, length, device=device)
         step = call.step
         base_weight = self.base_weight(step)
-        if self.base_tokens is not None and base_weight != 1.0:
+        if self.base_tokens is not None and (isinstance(base_weight, torch.Tensor) or base_weight != 1.0):
             inside_any = torch.zeros(call.image_tokens, dtype=torch.bool, device=device)
             for region in self.regions:
                 inside_any |= region.inside(call.grid, device)
@@ -286,7 +306,7 @@ class RegionalAttention(AttentionControl):
     def _hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         if "text" not in call.key_segments or "image" not in call.query_segments:
             return None
-        weights = (*(region.weight(call.step) for region in self.regions), self.base_weight(call.step))
+        weights = _weight_key((*(region.weight(call.step) for region in self.regions), self.base_weight(call.step)))
         cache_key = (
             call.grid,
             tuple(call.batch.roles),
@@ -367,7 +387,7 @@ class RegionalAttention(AttentionControl):
             return None
         parts = []
         cross, self_ = self.cross_strength * time_scale, self.self_strength * time_scale
-        weights = tuple(region.weight(call.step) for region in self.regions)
+        weights = _weight_key(tuple(region.weight(call.step) for region in self.regions))
         if self.mode == "soft" and "text" in call.key_segments and cross > 0:
             text = call.key_segments["text"]
             cache_key = ("cross", call.grid, text.stop - text.start, weights, str(device))
@@ -406,7 +426,7 @@ class RegionalAttention(AttentionControl):
             columns = torch.as_tensor(tokens, dtype=torch.long, device=device)
             attract[:, columns] |= inside[:, None]
             value = region.weight(call.step) * max(0.0, 1.0 - self.size_strength * region.area)
-            gain[:, columns] = torch.maximum(gain[:, columns], torch.full_like(gain[:, columns], value))
+            gain[:, columns] = torch.maximum(gain[:, columns], torch.as_tensor(value, device=device))
         return attract, gain
 
     def _self_layout(self, call: AttentionCall, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,9 +442,20 @@ class RegionalAttention(AttentionControl):
             labels[region.inside(call.grid, device)] = index
             gains.append(weight * max(0.0, 1.0 - self.size_strength * region.area))
         attract = labels[:, None] == labels[None, :]
-        row_gain = torch.as_tensor(gains, device=device)[labels]
+        row_gain = torch.stack([torch.as_tensor(gain, dtype=torch.float32, device=device) for gain in gains])[labels]
         return attract, row_gain[:, None].expand(-1, call.image_tokens)
 
 
-def _log(weight: float) -> float:
+def _log(weight: Weight) -> Weight:
+    if isinstance(weight, torch.Tensor):
+        return torch.log(weight)
     return math.log(weight) if weight > 0 else float("-inf")
+
+
+def _weight_key(weights: tuple[Weight, ...]) -> tuple:
+    """Cache key for this step's weights: numbers by value; tensors by storage, offset and version, so an
+    optimizer's in-place update (or another step's entry) never reuses a stale bias."""
+    return tuple(
+        (weight.data_ptr(), weight._version, weight.requires_grad) if isinstance(weight, torch.Tensor) else weight
+        for weight in weights
+    )

@@ -2,7 +2,8 @@
 
 - dense: no bias and nobody needs the probabilities -> the same SDPA / dispatcher call as the stock processor;
 - bias: an additive logit bias (region masks, modulation) -> SDPA with a float ``attn_mask``;
-- explicit: a control edits or observes the probabilities -> softmax(QK^T * scale + bias) in fp32, then P @ V.
+- explicit: a control edits or observes the probabilities, or the bias needs a gradient -> softmax(QK^T * scale +
+  bias) in fp32, then P @ V.
 
 Rows whose every key is masked (bias ``-inf`` everywhere) give zeros, never NaN, on every path.
 """
@@ -43,6 +44,10 @@ def _dispatch(
     return out.transpose(1, 2)
 
 
+def _identity(probs: torch.Tensor) -> torch.Tensor:
+    return probs
+
+
 def fully_masked_rows(bias: torch.Tensor) -> torch.Tensor | None:
     """Boolean ``[..., Q, 1]`` marking query rows whose every key is ``-inf``; ``None`` when there are none."""
     dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
@@ -77,6 +82,9 @@ def attention(
     if dead is not None:
         bias = bias.masked_fill(dead, 0.0)
 
+    if probs_hook is None and bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        # A bias being optimized (region weights) needs its gradient; not every fused kernel returns one.
+        probs_hook = _identity
     if probs_hook is None:
         if bias is not None:
             bias = bias.to(query.dtype)

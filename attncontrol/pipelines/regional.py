@@ -16,12 +16,17 @@ installed for the call only and the original processors are back afterwards, als
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from tqdm.auto import tqdm
 
 from attncontrol.controls.regions import (
     REGION_MODES,
@@ -41,6 +46,41 @@ from attncontrol.core.tokens import token_indices
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REGIONS = 16
+
+#: ``loss_fn(images, regions)``: images ``[B, 3, H, W]`` in [0, 1] with their graph, the regions as given; a scalar.
+RegionLoss = Callable[[torch.Tensor, list[Region]], torch.Tensor]
+
+
+@dataclasses.dataclass
+class RegionWeightOptimization:
+    """What :meth:`RegionalMixin.optimize_region_weights` returns.
+
+    Attributes:
+        images: the last generation (made with the weights after ``epochs - 1`` updates), in the requested
+            ``output_type`` (PIL images by default).
+        weights: ``[num_regions, num_steps]``, the weights that made ``images``.
+        losses: the loss of each generation, in order.
+        initial_weights: ``[num_regions, num_steps]``, the starting point (the regions' own weights).
+    """
+
+    images: Any
+    weights: torch.Tensor
+    losses: list[float]
+    initial_weights: torch.Tensor
+
+
+@contextlib.contextmanager
+def _frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Switch off ``requires_grad`` on the pipeline's models for the block: only the weights get gradients, and
+    the user's models keep no ``.grad`` and their own flags afterwards (also after an exception)."""
+    saved = [(param, param.requires_grad) for module in modules for param in module.parameters()]
+    try:
+        for param, _ in saved:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in saved:
+            param.requires_grad_(flag)
 
 
 class RegionalMixin:
@@ -165,6 +205,128 @@ class RegionalMixin:
             region_options=region_options or {},
             kwargs=kwargs,
         )
+
+    def optimize_region_weights(
+        self,
+        prompt: str,
+        *,
+        regions: Sequence[Region],
+        loss_fn: RegionLoss,
+        epochs: int = 3,
+        lr: float = 0.1,
+        seed: int = 0,
+        progress: bool = True,
+        region_mode: str = "hard",
+        base_weight: WeightSpec = 1.0,
+        region_strength: float = 1.0,
+        max_regions: int = DEFAULT_MAX_REGIONS,
+        region_options: dict[str, Any] | None = None,
+        negative_prompt: str | None = None,
+        output_type: str = "pil",
+        **kwargs: Any,
+    ) -> RegionWeightOptimization:
+        """Spatial-Temporal control with optimized weights: learn one weight per region and step against a loss.
+
+        As in the Spatial-Temporal Attention paper: the weights start from the regions' own (constant, list or
+        function) and are updated with Adam by back-propagating ``loss_fn`` of the decoded image through every
+        denoising step; each epoch is a full generation from the same noise (``seed``), and the result is the last
+        one (the paper's 3 epochs: the image after two updates). The paper's loss is CLIP similarity of the image
+        and of each region's crop to its text; any differentiable ``loss_fn(images, regions)`` works, e.g.
+        :func:`attncontrol.shapes.losses.region_color_loss` on the shapes world.
+
+        The paper's weights mix attention outputs linearly (Adam lr 0.005); here a weight multiplies its tokens'
+        attention share (a ``log w`` logit bias), so the update is taken on ``log w``: weights stay positive and a
+        step of ``lr`` scales a weight by about ``e^lr``.
+
+        Memory grows with the number of steps (the whole sampling graph is kept: the paper needed ~45 GB for SD 1.4
+        at 512 px); the pipeline's models are frozen during the call and their flags restored afterwards.
+
+        Args:
+            prompt, regions, region_mode, base_weight, region_strength, max_regions, region_options,
+                negative_prompt: as in ``__call__``.
+            loss_fn: ``loss_fn(images, regions) -> scalar tensor``; images ``[B, 3, H, W]`` in [0, 1].
+            epochs: number of generations (>= 1); the weights are updated after each but the last.
+            lr: Adam learning rate on the log-weights.
+            seed: seed of the initial noise, the same for every epoch.
+            progress: show a progress bar over the epochs, with the loss.
+            **kwargs: the stock pipeline's arguments (``num_inference_steps``, ``guidance_scale``, ``height``...).
+        """
+        if not callable(loss_fn):
+            raise RegionError(f"`loss_fn` must be callable as loss_fn(images, regions), got {type(loss_fn).__name__}")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise RegionError(f"`epochs` must be an integer >= 1, got {epochs!r}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise RegionError(f"`lr` must be a finite number > 0, got {lr!r}")
+        for key in ("generator", "latents", "output_type"):
+            if key in kwargs:
+                raise RegionError(f"`{key}` is set by optimize_region_weights (use `seed` and `output_type`)")
+        checked = self._check_regions(regions, max_regions)
+        num_steps = int(kwargs.get("num_inference_steps", 50))
+        schedules = [weight_schedule(region.weight, f"regions[{i}].weight") for i, region in enumerate(checked)]
+        steps = [StepState(index=step, num_steps=num_steps) for step in range(num_steps)]
+        initial = torch.tensor([[float(schedule(step)) for step in steps] for schedule in schedules])
+        # A zero weight (hidden text) starts just above zero, so it can grow if the loss asks for it.
+        log_weights = torch.nn.Parameter(initial.clamp_min(1e-3).log())
+        optimizer = torch.optim.Adam([log_weights], lr=lr)
+        stock_call = functools.partial(self._stock_call_with_grad(), self)
+        device = self._execution_device
+        losses: list[float] = []
+        images = None
+        models = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+        bar = tqdm(range(epochs), desc="region weights", disable=not progress)
+        with _frozen(models):
+            for epoch in bar:
+                weights = log_weights.exp()
+                live = [dataclasses.replace(region, weight=weights[i]) for i, region in enumerate(checked)]
+                call = dict(kwargs, output_type="pt", generator=torch.Generator(device).manual_seed(seed))
+                with torch.enable_grad():
+                    output = self._regional_call(
+                        stock_call,
+                        prompt=prompt,
+                        negative_prompt=negative_prompt,
+                        regions=live,
+                        region_mode=region_mode,
+                        base_weight=base_weight,
+                        region_strength=region_strength,
+                        max_regions=max_regions,
+                        return_attention_maps=False,
+                        region_options=region_options or {},
+                        kwargs=call,
+                    )
+                    images = output.images
+                    loss = loss_fn(images, checked)
+                    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                        raise RegionError("`loss_fn` must return a scalar tensor")
+                    if not bool(torch.isfinite(loss)):
+                        raise RegionError(f"`loss_fn` returned {loss.item()} at epoch {epoch}")
+                    losses.append(loss.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if epoch < epochs - 1:
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                images = images.detach()
+        logger.info("region weights: losses %s", ", ".join(f"{value:.4f}" for value in losses))
+        if output_type == "pil":
+            images = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images))
+        elif output_type == "np":
+            images = self.image_processor.pt_to_numpy(images)
+        elif output_type != "pt":
+            raise RegionError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}")
+        return RegionWeightOptimization(
+            images=images, weights=weights.detach().clone(), losses=losses, initial_weights=initial
+        )
+
+    def _stock_call_with_grad(self) -> Callable[..., Any]:
+        """The stock pipeline's ``__call__`` without its ``@torch.no_grad()`` wrapper (kept as ``__wrapped__``)."""
+        for cls in type(self).__mro__:
+            function = None if issubclass(cls, RegionalMixin) else cls.__dict__.get("__call__")
+            if function is not None:
+                raw = getattr(function, "__wrapped__", None)
+                if raw is None:
+                    raise RegionError(f"{cls.__name__}.__call__ has no undecorated form to run with gradients")
+                return raw
+        raise RegionError(f"{type(self).__name__} has no stock pipeline call")
 
     def _regional_call(
         self,

@@ -204,3 +204,61 @@ def test_causal_leaks_are_hidden_inside_other_regions():
         assert float(probs[:, right][:, :, [0, 1, 6, 7]].min()) > 0.0
     # Flux's T5 reads the prompt both ways, so there is nothing causal to hide: off by default.
     assert not RegionalFluxPipeline._causal_text
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_tensor_weights_match_numbers_and_carry_gradients(name):
+    pipe = regional(name)
+    numbers = [Region.box(LEFT, phrase="red circle", weight=[0.5, 2.0]), Region.box(RIGHT, phrase="blue square")]
+    expected = run(pipe, name, regions=numbers).images
+    tensors = [
+        Region.box(LEFT, phrase="red circle", weight=torch.tensor([0.5, 2.0])),
+        Region.box(RIGHT, phrase="blue square", weight=torch.tensor(1.0)),
+    ]
+    np.testing.assert_allclose(run(pipe, name, regions=tensors).images, expected, atol=1e-5)
+    with pytest.raises(RegionError, match=r"regions\[0\]\.weight"):
+        run(pipe, name, regions=[Region.box(LEFT, phrase="red circle", weight=torch.tensor([1.0, -1.0]))])
+
+
+def test_optimized_region_weights_follow_the_loss_and_leave_the_pipeline_as_it_was():
+    pipe = regional("sd")
+    flags = {name: param.requires_grad for name, param in pipe.unet.named_parameters()}
+    regions = [Region.box(LEFT, phrase="red circle", weight=[1.0, 2.0, 1.0]), Region.box(RIGHT, phrase="blue square")]
+    before = processors(pipe)
+
+    def left_brightness(images, given):
+        assert given[0].phrase == "red circle" and images.requires_grad
+        return images[..., : images.shape[-1] // 2].mean()
+
+    result = pipe.optimize_region_weights(
+        PROMPT,
+        regions=regions,
+        loss_fn=left_brightness,
+        epochs=3,
+        lr=0.5,
+        num_inference_steps=3,
+        height=32,
+        width=48,
+        progress=False,
+    )
+    assert len(result.images) == 1 and result.images[0].size == (48, 32)
+    assert result.weights.shape == result.initial_weights.shape == (2, 3)
+    torch.testing.assert_close(result.initial_weights, torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 1.0]]))
+    assert len(result.losses) == 3
+    # Two Adam steps of 0.5 on log w: each weight moves by a factor of about e^{+-1} unless its gradient is 0.
+    moved = (result.weights.log() - result.initial_weights.log()).abs()
+    assert float(moved.max()) > 0.5
+    assert processors(pipe) == before
+    assert {name: param.requires_grad for name, param in pipe.unet.named_parameters()} == flags
+    assert all(param.grad is None for param in pipe.unet.parameters())
+
+    # The first loss is the plain regional call's (same seed, same weights).
+    plain = pipe(
+        PROMPT, regions=regions, num_inference_steps=3, height=32, width=48, output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert result.losses[0] == pytest.approx(left_brightness(plain.requires_grad_(), regions).item(), abs=1e-5)
+    with pytest.raises(RegionError, match="`epochs`"):
+        pipe.optimize_region_weights(PROMPT, regions=regions, loss_fn=left_brightness, epochs=0)
+    with pytest.raises(RegionError, match="`generator`"):
+        pipe.optimize_region_weights(PROMPT, regions=regions, loss_fn=left_brightness, generator=None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import torch
 
@@ -78,3 +80,41 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == config.vocab_size
     report = run_bench(pipe, tasks=["single"], num_seeds=1, num_inference_steps=2, batch_size=12, progress=False)
     assert report.rows[0].total == 12
+
+
+def test_flux_rope_gives_rows_and_columns_enough_frequencies():
+    from attncontrol.training.shapes_flux import rope_axes
+
+    for head_dim in (16, 32, 64, 128):
+        axes = rope_axes(head_dim)
+        assert sum(axes) == head_dim and all(dim % 2 == 0 for dim in axes)
+        assert axes[0] == 4 and axes[1] == axes[2]
+
+    def places_an_8_token_row(dim: int) -> bool:
+        # Some frequency must turn by more than 1 rad but less than pi from the first token to the last.
+        return any(1.0 < 10000 ** (-i / dim) * 7 < math.pi for i in range(0, dim, 2))
+
+    assert all(places_an_8_token_row(rope_axes(head_dim)[1]) for head_dim in (32, 64, 128))
+    assert not places_an_8_token_row(6)  # the old 16-dim head's split: its samples were scattered blobs
+
+
+def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
+    from attncontrol.training import shapes_flux
+
+    config = shapes_flux.Config(layers=1, single_layers=1, heads=2, head_dim=16)
+    transformer = shapes_flux.build_transformer(config)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 16),
+        "timestep": torch.tensor([0.3, 0.7]),
+        "encoder_hidden_states": torch.randn(2, 5, shapes_flux.TEXT_HIDDEN),
+        "pooled_projections": torch.randn(2, shapes_flux.TEXT_HIDDEN),
+        "txt_ids": torch.zeros(5, 3),
+        "img_ids": shapes_flux.image_ids(4, 4),
+        "return_dict": False,
+    }
+    output = transformer(**inputs)[0]
+    assert torch.count_nonzero(output) == 0
+    output.sum().backward()
+    assert transformer.proj_out.weight.grad.abs().sum() > 0
+    plain = shapes_flux.build_transformer(dataclasses.replace(config, adaln_zero=False))
+    assert torch.count_nonzero(plain(**inputs)[0]) > 0
