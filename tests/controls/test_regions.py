@@ -262,3 +262,26 @@ def test_optimized_region_weights_follow_the_loss_and_leave_the_pipeline_as_it_w
         pipe.optimize_region_weights(PROMPT, regions=regions, loss_fn=left_brightness, epochs=0)
     with pytest.raises(RegionError, match="`generator`"):
         pipe.optimize_region_weights(PROMPT, regions=regions, loss_fn=left_brightness, generator=None)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_optimized_region_weights_run_on_sdxl_and_flux(name):
+    pipe = regional(name)
+    denoiser = pipe.transformer if name == "flux" else pipe.unet
+    regions = [Region.box(LEFT, phrase="red circle"), Region.box(RIGHT, phrase="blue square")]
+    extra = {"max_sequence_length": 16} if name == "flux" else {}
+    result = pipe.optimize_region_weights(
+        PROMPT,
+        regions=regions,
+        loss_fn=lambda images, given: images[..., : images.shape[-1] // 2].mean(),
+        epochs=2,
+        lr=0.5,
+        num_inference_steps=2,
+        height=32,
+        width=48,
+        progress=False,
+        **extra,
+    )
+    assert result.weights.shape == (2, 2) and len(result.losses) == 2
+    assert float((result.weights.log() - result.initial_weights.log()).abs().max()) == pytest.approx(0.5, abs=0.01)
+    assert all(param.grad is None and param.requires_grad for param in denoiser.parameters())
