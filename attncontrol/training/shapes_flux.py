@@ -113,10 +113,10 @@ def build_transformer(config: Config):
 def rope_axes(head_dim: int) -> list[int]:
     """RoPE dims per (id, row, col) axis: nearly all to rows and columns, 4 to the id axis (always 0 here).
 
-    Flux's RoPE uses theta 10,000, so on an 8x8 token grid only the first few frequencies of an axis turn enough
-    to tell neighbours apart, and the first alone (1 rad per token) repeats every ~6 tokens. An axis needs several
-    pairs to place a token unambiguously: 14 dims (7 frequencies, the second at 0.27 rad per token) at head_dim 32;
-    with 6 dims (head_dim 16) the samples came out as scattered blobs.
+    Flux's RoPE uses theta 10,000. On the shapes model's 16x16 token grid the first frequency of an axis (1 rad per
+    token) repeats every ~6 tokens and the lowest ones barely turn, so an axis needs a frequency in between to place
+    a token along a row: 14 dims (7 frequencies: 1, 0.27, 0.072... rad per token) at head_dim 32 have one; 6 dims
+    (head_dim 16: 1, 0.046, 0.002) do not, and those samples came out as scattered blobs.
     """
     spatial = (head_dim - 4) // 4 * 2
     return [head_dim - 2 * spatial, spatial, spatial]

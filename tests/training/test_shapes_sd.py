@@ -90,12 +90,12 @@ def test_flux_rope_gives_rows_and_columns_enough_frequencies():
         assert sum(axes) == head_dim and all(dim % 2 == 0 for dim in axes)
         assert axes[0] == 4 and axes[1] == axes[2]
 
-    def places_an_8_token_row(dim: int) -> bool:
+    def places_a_16_token_row(dim: int) -> bool:
         # Some frequency must turn by more than 1 rad but less than pi from the first token to the last.
-        return any(1.0 < 10000 ** (-i / dim) * 7 < math.pi for i in range(0, dim, 2))
+        return any(1.0 < 10000 ** (-i / dim) * 15 < math.pi for i in range(0, dim, 2))
 
-    assert all(places_an_8_token_row(rope_axes(head_dim)[1]) for head_dim in (32, 64, 128))
-    assert not places_an_8_token_row(6)  # the old 16-dim head's split: its samples were scattered blobs
+    assert all(places_a_16_token_row(rope_axes(head_dim)[1]) for head_dim in (32, 64, 128))
+    assert not places_a_16_token_row(6)  # the old 16-dim head's split: its samples were scattered blobs
 
 
 def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
