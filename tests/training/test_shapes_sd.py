@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from attncontrol.training import shapes_sd
@@ -118,3 +120,18 @@ def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
     assert transformer.proj_out.weight.grad.abs().sum() > 0
     plain = shapes_flux.build_transformer(dataclasses.replace(config, adaln_zero=False))
     assert torch.count_nonzero(plain(**inputs)[0]) > 0
+
+
+def test_flux_object_coverage_matches_the_pool_scenes():
+    from attncontrol.shapes import SceneGenerator
+    from attncontrol.training.shapes_flux import object_coverage
+
+    weights = (0.3, 0.45, 0.25)
+    coverage = object_coverage(5, 7, weights, 16)
+    scenes = SceneGenerator(7, count_weights=weights).batch(0, 5)
+    assert coverage.shape == (5, 256) and float(coverage.min()) >= 0 and float(coverage.max()) <= 1
+    for row, scene in zip(coverage, scenes, strict=True):
+        union = np.any([obj.mask for obj in scene.objects], axis=0)
+        assert float(row.sum()) * 16 == pytest.approx(float(union.sum()))  # 4x4 pixels per token
+        top_left = union[:4, :4].mean()
+        assert float(row[0]) == pytest.approx(float(top_left))
