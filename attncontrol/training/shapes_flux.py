@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attncontrol.shapes import IMAGE_SIZE
 from attncontrol.training.common import (
     ema_update,
     load_checkpoint,
@@ -165,23 +166,6 @@ def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
     raise ValueError(f"`timestep_sampling` must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
-def object_coverage(num_scenes: int, seed: int, count_weights, grid: int) -> torch.Tensor:
-    """``[N, grid * grid]``: the share of each packed token's pixels covered by an object, for the scenes
-    :func:`encode_pool` draws with the same seed and weights (regenerated: scenes are deterministic)."""
-    from attncontrol.shapes import SceneGenerator
-
-    generator = SceneGenerator(seed, count_weights=count_weights)
-    coverage = []
-    for start in range(0, num_scenes, 256):
-        for scene in generator.batch(start, min(256, num_scenes - start)):
-            covered = np.zeros(scene.image.shape[:2], dtype=np.float32)
-            for obj in scene.objects:
-                covered[obj.mask] = 1.0
-            cell = covered.shape[0] // grid
-            coverage.append(covered.reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1))
-    return torch.from_numpy(np.stack(coverage))
-
-
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H/2 * W/2, 4C], the FluxPipeline layout."""
     batch, channels, height, width = latents.shape
@@ -210,15 +194,20 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
+    sample_timesteps(config.timestep_sampling, 1, "cpu")  # a bad setting fails before the pool is encoded
+    # Token grid of the packed latents: the autoencoder's factor, then Flux's 2x2 packing.
+    grid = IMAGE_SIZE // (2 ** (len(vae.config.block_out_channels) - 1) * 2)
+    latents, captions, coverage = encode_pool(
+        vae,
+        config.pool_size,
+        config.seed + 1,
+        config.pool_count_weights,
+        coverage_grid=grid if config.object_weight > 0 else None,
+    )
     shift, scaling = float(latents.mean()), float(1.0 / latents.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
-    grid = latents.shape[-1] // 2
     packed = pack((latents - shift) * scaling)
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
-    coverage = None
-    if config.object_weight > 0:
-        coverage = object_coverage(config.pool_size, config.seed + 1, config.pool_count_weights, grid)
 
     torch.manual_seed(config.seed)
     clip, t5 = build_text_encoders(config)

@@ -125,7 +125,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     from diffusers.training_utils import compute_snr
 
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
+    latents, captions, _ = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling

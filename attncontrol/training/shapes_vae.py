@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attncontrol.core.masks import resize_to_grid
 from attncontrol.shapes.bench import objects_present
 from attncontrol.shapes.detector import detect
 from attncontrol.shapes.scenes import SceneGenerator, to_tensor
@@ -136,14 +137,32 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
 
 @torch.no_grad()
 def encode_pool(
-    vae, num_scenes: int, seed: int, count_weights: tuple[float, ...] | None = None
-) -> tuple[torch.Tensor, list[str]]:
-    """Render and encode ``num_scenes`` scenes once (posterior means); returns latents and captions."""
+    vae,
+    num_scenes: int,
+    seed: int,
+    count_weights: tuple[float, ...] | None = None,
+    coverage_grid: int | None = None,
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """Render and encode ``num_scenes`` scenes once (posterior means).
+
+    Returns latents, captions and, with ``coverage_grid``, ``[N, grid * grid]``: the share of each grid cell
+    covered by an object (for losses that weigh objects up), else ``None``.
+    """
     generator = SceneGenerator(seed, count_weights=count_weights)
-    latents, captions = [], []
+    latents, captions, coverage = [], [], []
     vae.eval()
     for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):
         scenes = generator.batch(start, min(256, num_scenes - start))
         latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
         captions.extend(scene.caption for scene in scenes)
-    return torch.cat(latents), captions
+        if coverage_grid is not None:
+            coverage.extend(object_coverage(scene, coverage_grid) for scene in scenes)
+    return torch.cat(latents), captions, torch.stack(coverage) if coverage else None
+
+
+def object_coverage(scene, grid: int) -> torch.Tensor:
+    """``[grid * grid]``: the share of each cell of a ``grid`` x ``grid`` division of the scene covered by objects."""
+    covered = np.zeros(scene.image.shape[:2], dtype=np.float32)
+    for obj in scene.objects:
+        covered[obj.mask] = 1.0
+    return resize_to_grid(torch.from_numpy(covered), (grid, grid)).reshape(-1)

@@ -74,7 +74,12 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     shapes_flux.main([
         "--out", str(out), "--vae", str(sd_out / "vae"), "--steps", "3", "--pool-size", "32", "--batch", "4",
         "--probe-every", "1000", "--checkpoint-every", "2", "--layers", "1", "--single-layers", "1",
+        "--object-weight", "2",
     ])  # fmt: skip
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        shapes_flux.main(
+            ["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--timestep-sampling", "cosine"]
+        )
     assert torch.load(out / "checkpoint-flux.pt", weights_only=False)["step"] == 2
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     config = shapes_flux.Config()
@@ -122,16 +127,17 @@ def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
     assert torch.count_nonzero(plain(**inputs)[0]) > 0
 
 
-def test_flux_object_coverage_matches_the_pool_scenes():
+def test_pool_object_coverage_matches_the_pool_scenes():
     from attncontrol.shapes import SceneGenerator
-    from attncontrol.training.shapes_flux import object_coverage
+    from attncontrol.training.shapes_vae import build_vae, encode_pool
 
     weights = (0.3, 0.45, 0.25)
-    coverage = object_coverage(5, 7, weights, 16)
+    latents, captions, coverage = encode_pool(build_vae(), 5, 7, weights, coverage_grid=16)
+    assert encode_pool(build_vae(), 2, 7, weights)[2] is None
     scenes = SceneGenerator(7, count_weights=weights).batch(0, 5)
+    assert captions == [scene.caption for scene in scenes] and len(latents) == 5
     assert coverage.shape == (5, 256) and float(coverage.min()) >= 0 and float(coverage.max()) <= 1
     for row, scene in zip(coverage, scenes, strict=True):
         union = np.any([obj.mask for obj in scene.objects], axis=0)
-        assert float(row.sum()) * 16 == pytest.approx(float(union.sum()))  # 4x4 pixels per token
-        top_left = union[:4, :4].mean()
-        assert float(row[0]) == pytest.approx(float(top_left))
+        assert float(row.sum()) * 16 == pytest.approx(float(union.sum()))  # 4x4 pixels per cell
+        assert float(row[0]) == pytest.approx(float(union[:4, :4].mean()))
