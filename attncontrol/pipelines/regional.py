@@ -16,12 +16,10 @@ installed for the call only and the original processors are back afterwards, als
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +40,8 @@ from attncontrol.core.controller import AttentionController
 from attncontrol.core.state import StepState
 from attncontrol.core.store import AttentionStore
 from attncontrol.core.tokens import token_indices
+from attncontrol.pipelines.stock import frozen
+from attncontrol.pipelines.stock import stock_call as stock_call_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ class RegionWeightOptimization:
     weights: torch.Tensor
     losses: list[float]
     initial_weights: torch.Tensor
-
-
-@contextlib.contextmanager
-def _frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Switch off ``requires_grad`` on the pipeline's models for the block: only the weights get gradients, and
-    the user's models keep no ``.grad`` and their own flags afterwards (also after an exception)."""
-    saved = [(param, param.requires_grad) for module in modules for param in module.parameters()]
-    try:
-        for param, _ in saved:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for param, flag in saved:
-            param.requires_grad_(flag)
 
 
 class RegionalMixin:
@@ -268,13 +254,13 @@ class RegionalMixin:
         # A zero weight (hidden text) starts just above zero, so it can grow if the loss asks for it.
         log_weights = torch.nn.Parameter(initial.clamp_min(1e-3).log())
         optimizer = torch.optim.Adam([log_weights], lr=lr)
-        stock_call = functools.partial(self._stock_call_with_grad(), self)
+        stock_call = stock_call_of(self, with_grad=True)
         device = self._execution_device
         losses: list[float] = []
         images = None
         models = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
         bar = tqdm(range(epochs), desc="region weights", disable=not progress)
-        with _frozen(models):
+        with frozen(models):
             for epoch in bar:
                 weights = log_weights.exp()
                 live = [dataclasses.replace(region, weight=weights[i]) for i, region in enumerate(checked)]
@@ -316,17 +302,6 @@ class RegionalMixin:
         return RegionWeightOptimization(
             images=images, weights=weights.detach().clone(), losses=losses, initial_weights=initial
         )
-
-    def _stock_call_with_grad(self) -> Callable[..., Any]:
-        """The stock pipeline's ``__call__`` without its ``@torch.no_grad()`` wrapper (kept as ``__wrapped__``)."""
-        for cls in type(self).__mro__:
-            function = None if issubclass(cls, RegionalMixin) else cls.__dict__.get("__call__")
-            if function is not None:
-                raw = getattr(function, "__wrapped__", None)
-                if raw is None:
-                    raise RegionError(f"{cls.__name__}.__call__ has no undecorated form to run with gradients")
-                return raw
-        raise RegionError(f"{type(self).__name__} has no stock pipeline call")
 
     def _regional_call(
         self,
