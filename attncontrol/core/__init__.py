@@ -6,6 +6,7 @@ from attncontrol.core.controller import AttentionController, apply_attention_con
 from attncontrol.core.errors import (
     AttnControlError,
     ControllerStateError,
+    EditError,
     MaskError,
     ProcessorsOverwrittenError,
     RegionError,
@@ -28,6 +29,7 @@ __all__ = [
     "AttnControlError",
     "BatchLayout",
     "ControllerStateError",
+    "EditError",
     "FluxJointAttnProcessor",
     "LayerInfo",
     "MaskError",

@@ -29,3 +29,7 @@ class ControllerStateError(AttnControlError, RuntimeError):
 
 class RegionError(AttnControlError, ValueError):
     """A region or layout that cannot be used; the message names the region and the argument."""
+
+
+class EditError(AttnControlError, ValueError):
+    """An image edit that cannot be done as asked (a layer moved off the canvas, an image size the model can't take)."""
