@@ -91,6 +91,24 @@ def bench(args: argparse.Namespace) -> list[Path]:
     return [Path(args.out) / "report.md", Path(args.out) / "report.json"]
 
 
+def edit_bench(args: argparse.Namespace) -> list[Path]:
+    """Score removal and moves on real (rendered, inverted) shapes scenes; print the table, save images + JSON."""
+    from attncontrol.shapes.edit_bench import EDIT_METHODS, EDIT_TASKS, run_edit_bench
+
+    pipe = load_pipeline(args.model, device=args.device)
+    report = run_edit_bench(
+        pipe,
+        model_name=args.model or default_model(),
+        tasks=args.task or list(EDIT_TASKS),
+        methods=args.method or list(EDIT_METHODS),
+        num_cases=args.num_cases,
+        num_inference_steps=args.steps,
+        out_dir=args.out,
+    )
+    print(report.markdown())
+    return [Path(args.out) / "report.md", Path(args.out) / "report.json"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attncontrol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
@@ -135,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--device", default="cpu")
     bench_parser.add_argument("--out", default="outputs/bench", help="folder for images, report.json and report.md")
     bench_parser.set_defaults(func=bench)
+
+    edit_parser = commands.add_parser(
+        "edit-bench", help="score object removal and moves (DesignEdit vs plain inpainting) on shapes scenes"
+    )
+    edit_parser.add_argument("--model", default=None, help=f"an SD-family model as for generate ({default_model()})")
+    edit_parser.add_argument("--task", action="append", default=None, help="remove or move (repeatable; default both)")
+    edit_parser.add_argument(
+        "--method", action="append", default=None, help="designedit, designedit-inverted, inpaint-fill, inpaint"
+    )
+    edit_parser.add_argument("--num-cases", type=int, default=100, help="cases per task (default: 100)")
+    edit_parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as DesignEdit)")
+    edit_parser.add_argument("--device", default="cpu")
+    edit_parser.add_argument("--out", default="outputs/edit-bench", help="folder for images, report.json, report.md")
+    edit_parser.set_defaults(func=edit_bench)
     return parser
 
 

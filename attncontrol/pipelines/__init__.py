@@ -2,8 +2,10 @@
 
 from attncontrol.pipelines.editing import (
     Layer,
+    LayeredEditFluxPipeline,
     LayeredEditStableDiffusionPipeline,
     LayeredEditStableDiffusionXLPipeline,
+    RemoveFluxPipeline,
     RemoveStableDiffusionPipeline,
     RemoveStableDiffusionXLPipeline,
     to_editing,
@@ -19,11 +21,13 @@ from attncontrol.pipelines.regional import (
 __all__ = [
     "Inversion",
     "Layer",
+    "LayeredEditFluxPipeline",
     "LayeredEditStableDiffusionPipeline",
     "LayeredEditStableDiffusionXLPipeline",
     "RegionalFluxPipeline",
     "RegionalStableDiffusionPipeline",
     "RegionalStableDiffusionXLPipeline",
+    "RemoveFluxPipeline",
     "RemoveStableDiffusionPipeline",
     "RemoveStableDiffusionXLPipeline",
     "invert",

@@ -1,4 +1,4 @@
-"""Object removal and layered editing of real images (DesignEdit), for SD 1.x/2.x and SDXL.
+"""Object removal and layered editing of real images (DesignEdit), for SD 1.x/2.x, SDXL and Flux.
 
     from attncontrol.pipelines import LayeredEditStableDiffusionPipeline, Layer, RemoveStableDiffusionPipeline
 
@@ -37,14 +37,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from attncontrol.controls.key_mask import DESIGNEDIT_KEY_MASK_STEPS, KEY_MASK_TARGETS, KeyMaskedSelfAttention
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.errors import EditError
 from attncontrol.core.masks import MaskLike, SpatialMask, dilate, load_mask, resize_to_grid
-from attncontrol.pipelines.inversion import ImageLike, Inversion, ddim_sampling, image_tensor, invert
+from attncontrol.pipelines.inversion import (
+    ImageLike,
+    Inversion,
+    from_native,
+    image_tensor,
+    invert,
+    matched_sampling,
+    to_native,
+)
 from attncontrol.pipelines.stock import stock_call
 
 logger = logging.getLogger(__name__)
@@ -210,6 +218,7 @@ class DesignEditMixin:
         output_type: str,
         return_dict: bool,
         callback_on_step_end: Callable | None,
+        stock_kwargs: dict[str, Any],
         source: Inversion | None = None,
     ) -> Any:
         if key_mask_target is not None and key_mask_target not in KEY_MASK_TARGETS:
@@ -218,7 +227,7 @@ class DesignEditMixin:
             raise EditError(f"`hole_init` must be one of {HOLE_INITS}, got {hole_init!r}")
         self._check_fractions(key_mask_steps, blend_until, fuse_at)
         size = tuple(image.shape[-2:])
-        invert_kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": 1.0}
+        invert_kwargs = {**stock_kwargs, "num_inference_steps": num_inference_steps, "guidance_scale": 1.0}
         if source is not None and hole_init == "fill":
             raise EditError("`inversion` cannot be reused with hole_init='fill', which inverts the filled image")
         if source is not None and (source.num_steps != num_inference_steps or source.image_size != size):
@@ -246,7 +255,7 @@ class DesignEditMixin:
             start = start * (1 - hole_latent) + noise.to(device) * hole_latent
 
         def step_end(pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
-            latents = kwargs["latents"]
+            latents = from_native(self, kwargs["latents"], size)
             # after_step(last) is the encoded start image: with keep_outside the final latent outside the edit is
             # the source's own, so the rest of the image is its VAE round trip.
             level = source.after_step(index).to(latents)
@@ -257,14 +266,15 @@ class DesignEditMixin:
             if index + 1 == fuse_step:
                 for paste, mask in zip(pastes, paste_latents, strict=True):
                     latents = latents * (1 - mask) + paste.inversion.after_step(index).to(latents) * mask
-            kwargs["latents"] = latents
+            kwargs["latents"] = to_native(self, latents)
             if callback_on_step_end is not None:
                 kwargs = callback_on_step_end(pipe, index, timestep, kwargs)
             return kwargs
 
         call = {
+            **stock_kwargs,
             "prompt": prompt,
-            "latents": start,
+            "latents": to_native(self, start),
             "height": size[0],
             "width": size[1],
             "num_inference_steps": num_inference_steps,
@@ -283,7 +293,7 @@ class DesignEditMixin:
                     refine_mask=None if refine_mask is None else SpatialMask(refine_mask, size, name="refine_mask"),
                 )
             )
-        with ddim_sampling(self), AttentionController(self, controls):
+        with matched_sampling(self), AttentionController(self, controls):
             output = stock_call(self)(**call)
         if not return_dict:
             return (output.images,)
@@ -310,6 +320,7 @@ _EDIT_DOC = """
                 the surrounding colours; ``"inverted"`` keeps the object's own inverted latent (DesignEdit's
                 choice, which a small model rebuilds); ``"noise"`` starts from fresh noise.
             generator: for ``hole_init="noise"``.
+            kwargs: further stock arguments for inversion and sampling (e.g. ``max_sequence_length`` for Flux).
 """
 _INVERSION_DOC = """            inversion: a ready ``Inversion`` of ``image`` (from ``inversion.invert``), so
                 several edits of one image invert it once.
@@ -339,6 +350,7 @@ class RemoveMixin(DesignEditMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        **kwargs: Any,
     ) -> Any:
         pixels = image_tensor(self, image)
         hole = self._hole_mask(mask_image, tuple(pixels.shape[-2:]), dilation, "mask_image")
@@ -360,6 +372,7 @@ class RemoveMixin(DesignEditMixin):
             output_type=output_type,
             return_dict=return_dict,
             callback_on_step_end=callback_on_step_end,
+            stock_kwargs=kwargs,
             source=inversion,
         )
 
@@ -417,6 +430,7 @@ class LayeredEditMixin(DesignEditMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        **kwargs: Any,
     ) -> Any:
         pixels = image_tensor(self, image)
         canvas_edit = tuple(pan) != (0.0, 0.0) or zoom != 1.0
@@ -447,6 +461,7 @@ class LayeredEditMixin(DesignEditMixin):
             output_type=output_type,
             return_dict=return_dict,
             callback_on_step_end=callback_on_step_end,
+            stock_kwargs=kwargs,
         )
 
     __call__.__doc__ = (
@@ -506,6 +521,11 @@ class RemoveStableDiffusionXLPipeline(RemoveMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` that removes objects from real images."""
 
 
+class RemoveFluxPipeline(RemoveMixin, FluxPipeline):
+    """``FluxPipeline`` that removes objects from real images (image keys hidden in the joint attention; Euler
+    flow-matching inversion)."""
+
+
 class LayeredEditStableDiffusionPipeline(LayeredEditMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` (SD 1.x/2.x) for layered edits of real images."""
 
@@ -514,21 +534,27 @@ class LayeredEditStableDiffusionXLPipeline(LayeredEditMixin, StableDiffusionXLPi
     """``StableDiffusionXLPipeline`` for layered edits of real images."""
 
 
+class LayeredEditFluxPipeline(LayeredEditMixin, FluxPipeline):
+    """``FluxPipeline`` for layered edits of real images."""
+
+
 _TWINS = {
     RemoveMixin: (
         (StableDiffusionXLPipeline, RemoveStableDiffusionXLPipeline),
         (StableDiffusionPipeline, RemoveStableDiffusionPipeline),
+        (FluxPipeline, RemoveFluxPipeline),
     ),
     LayeredEditMixin: (
         (StableDiffusionXLPipeline, LayeredEditStableDiffusionXLPipeline),
         (StableDiffusionPipeline, LayeredEditStableDiffusionPipeline),
+        (FluxPipeline, LayeredEditFluxPipeline),
     ),
 }
 
 
 def to_editing(pipe: Any, kind: type[DesignEditMixin] = RemoveMixin) -> Any:
-    """The removal (``RemoveMixin``) or layered-edit (``LayeredEditMixin``) twin of an SD or SDXL pipeline, sharing
-    its components (``from_pipe``)."""
+    """The removal (``RemoveMixin``) or layered-edit (``LayeredEditMixin``) twin of an SD, SDXL or Flux pipeline,
+    sharing its components (``from_pipe``)."""
     if isinstance(pipe, kind):
         return pipe
     if kind not in _TWINS:
@@ -538,4 +564,4 @@ def to_editing(pipe: Any, kind: type[DesignEditMixin] = RemoveMixin) -> Any:
             twin = twin_cls.from_pipe(pipe)
             twin.set_progress_bar_config(disable=True)
             return twin
-    raise TypeError(f"editing needs an SD 1.x/2.x or SDXL pipeline, got {type(pipe).__name__}")
+    raise TypeError(f"editing needs an SD 1.x/2.x, SDXL or Flux pipeline, got {type(pipe).__name__}")

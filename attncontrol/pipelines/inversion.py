@@ -1,17 +1,19 @@
-"""Deterministic DDIM inversion of real images, shared by every editing pipeline.
+"""Deterministic inversion of real images (DDIM for UNets, Euler flow matching for Flux), shared by every editor.
 
-A real image has no sampling noise to start from; DDIM inversion runs the deterministic sampler backwards (the model
-predicts the noise at each level and the latent is pushed one level *up*) and keeps the latent of every level. An
-edit then starts from the top latent and can pull any region back to the source at any step, because it knows where
-the source was at that step.
+A real image has no sampling noise to start from; inversion runs the deterministic sampler backwards (the model
+predicts the noise, or the velocity, at each level and the latent is pushed one level *up*) and keeps the latent of
+every level. An edit then starts from the top latent and can pull any region back to the source at any step, because
+it knows where the source was at that step.
 
-The inversion runs the stock pipeline's own loop with diffusers' ``DDIMInverseScheduler`` swapped in for the call,
-so prompt encoding, SDXL's size conditioning and every other stock detail are the pipeline's, not a copy. Null-prompt
-inversion is ``prompt=""``; prompted inversion passes the image's description.
+The inversion runs the stock pipeline's own loop with a reversed scheduler swapped in for the call (diffusers'
+``DDIMInverseScheduler``; :class:`FlowMatchInverseScheduler` for Flux), so prompt encoding, SDXL's size conditioning,
+Flux's latent packing and every other stock detail are the pipeline's, not a copy. Null-prompt inversion is
+``prompt=""``; prompted inversion passes the image's description. Latents are kept unpacked, ``[C, h, w]`` per level,
+for every family.
 
     inversion = invert(pipe, image, num_inference_steps=50)
-    with ddim_sampling(pipe):
-        image = pipe("", latents=inversion.noise, num_inference_steps=50, guidance_scale=1.0).images[0]
+    with matched_sampling(pipe):
+        image = pipe("", latents=to_native(pipe, inversion.noise), num_inference_steps=50, guidance_scale=1.0).images[0]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from attncontrol.core.errors import EditError
@@ -68,11 +70,51 @@ class Inversion:
         return self.latents[self.num_steps - 1 - index][None]
 
 
+class FlowMatchInverseScheduler(FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler run backwards: the stock sigmas in reverse order, so every step moves one level *up*.
+
+    ``step`` is the stock Euler update ``x + (sigma_next - sigma) * v``; with the sigmas reversed it starts at the
+    clean image (sigma 0) and ends at the top of the schedule the stock pipeline would sample from.
+    """
+
+    # The stock pipelines inspect this signature for ``sigmas``/``timesteps``, so it is spelled out.
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        self.sigmas = self.sigmas.flip(0)
+        self.timesteps = (self.sigmas[:-1] * self.config.num_train_timesteps).to(self.timesteps.dtype)
+
+
+def is_flux(pipe: Any) -> bool:
+    return getattr(pipe, "transformer", None) is not None and hasattr(pipe, "_pack_latents")
+
+
 def size_multiple(pipe: Any) -> int:
-    """Image sides must be multiples of this: the VAE's factor times the UNet's downsamplings."""
+    """Image sides must be multiples of this: the VAE factor times the UNet's downsamplings (Flux: its 2x2 packing)."""
     unet = getattr(pipe, "unet", None)
     downsamplings = len(unet.config.block_out_channels) - 1 if unet is not None else 1
     return int(pipe.vae_scale_factor) * 2**downsamplings
+
+
+def to_native(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` latents in the form the pipeline's ``latents=`` takes (Flux: packed 2x2 patches)."""
+    if is_flux(pipe):
+        batch, channels, height, width = latents.shape
+        return pipe._pack_latents(latents, batch, channels, height, width)
+    return latents
+
+
+def from_native(pipe: Any, latents: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """The pipeline's own latents (as its callbacks see them) back to ``[B, C, h, w]``."""
+    if is_flux(pipe):
+        return pipe._unpack_latents(latents, image_size[0], image_size[1], pipe.vae_scale_factor)
+    return latents
 
 
 def image_tensor(pipe: Any, image: ImageLike, *, name: str = "image") -> torch.Tensor:
@@ -129,16 +171,21 @@ def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
-def ddim_scheduler(pipe: Any, *, inverse: bool = False) -> Any:
-    """A DDIM (or inverse DDIM) scheduler with the pipeline scheduler's noise schedule and prediction type."""
-    cls = DDIMInverseScheduler if inverse else DDIMScheduler
+def matched_scheduler(pipe: Any, *, inverse: bool = False) -> Any:
+    """The deterministic scheduler (or its inverse) with the pipeline's noise schedule and prediction type: DDIM
+    (eta 0) for UNets, Euler flow matching for Flux."""
+    if is_flux(pipe):
+        cls = FlowMatchInverseScheduler if inverse else FlowMatchEulerDiscreteScheduler
+    else:
+        cls = DDIMInverseScheduler if inverse else DDIMScheduler
     return cls.from_config(pipe.scheduler.config)
 
 
 @contextlib.contextmanager
-def ddim_sampling(pipe: Any) -> Iterator[Any]:
-    """Sample with deterministic DDIM (eta 0) in the block, the schedule an :class:`Inversion` matches."""
-    with swapped_scheduler(pipe, ddim_scheduler(pipe)) as scheduler:
+def matched_sampling(pipe: Any) -> Iterator[Any]:
+    """Sample in the block with the deterministic schedule an :class:`Inversion` matches (the user's scheduler is
+    back afterwards)."""
+    with swapped_scheduler(pipe, matched_scheduler(pipe)) as scheduler:
         yield scheduler
 
 
@@ -151,8 +198,9 @@ def invert(
     guidance_scale: float = 1.0,
     negative_prompt: str | None = None,
     progress: bool = False,
+    **kwargs: Any,
 ) -> Inversion:
-    """DDIM-invert ``image`` with ``pipe`` (SD 1.x/2.x or SDXL) and keep the latent of every level.
+    """Invert ``image`` with ``pipe`` (SD 1.x/2.x, SDXL or Flux) and keep the latent of every level.
 
     Args:
         image: the image (see :func:`image_tensor` for the accepted forms); it is never modified.
@@ -161,6 +209,7 @@ def invert(
         guidance_scale: CFG while inverting; above 1 the inversion drifts (null-text inversion exists to fix
             that), so keep 1.0 unless you know why.
         progress: show the stock progress bar.
+        kwargs: further stock arguments (e.g. ``max_sequence_length`` for Flux).
     """
     if num_inference_steps < 1:
         raise EditError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
@@ -169,13 +218,14 @@ def invert(
     clean = encode(pipe, pixels)
     levels = [clean[0].float().cpu()]
 
-    def keep_latents(_pipe: Any, _step: int, _timestep: Any, kwargs: dict) -> dict:
-        levels.append(kwargs["latents"][0].float().cpu())
-        return kwargs
+    def keep_latents(_pipe: Any, _step: int, _timestep: Any, tensors: dict) -> dict:
+        levels.append(from_native(pipe, tensors["latents"], (height, width))[0].float().cpu())
+        return tensors
 
     call = {
+        **kwargs,
         "prompt": prompt,
-        "latents": clean,
+        "latents": to_native(pipe, clean),
         "height": height,
         "width": width,
         "num_inference_steps": num_inference_steps,
@@ -188,9 +238,11 @@ def invert(
     previous_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**previous_bar, "disable": not progress, "desc": "inverting"})
     try:
-        with swapped_scheduler(pipe, ddim_scheduler(pipe, inverse=True)):
+        with swapped_scheduler(pipe, matched_scheduler(pipe, inverse=True)):
             stock_call(pipe)(**call)
     finally:
         pipe._progress_bar_config = previous_bar
+    if len(levels) != num_inference_steps + 1:
+        raise EditError(f"the pipeline ran {len(levels) - 1} steps instead of {num_inference_steps}; cannot invert")
     logger.debug("inverted a %dx%d image in %d steps", height, width, num_inference_steps)
     return Inversion(torch.stack(levels), prompt, guidance_scale, (int(height), int(width)))

@@ -11,13 +11,14 @@ from attncontrol.pipelines.editing import (
     Layer,
     LayeredEditMixin,
     LayeredEditStableDiffusionPipeline,
+    RemoveFluxPipeline,
     RemoveMixin,
     RemoveStableDiffusionPipeline,
     RemoveStableDiffusionXLPipeline,
     fill_from_surroundings,
     to_editing,
 )
-from attncontrol.pipelines.inversion import ddim_sampling, invert
+from attncontrol.pipelines.inversion import invert, matched_sampling, matched_scheduler
 from attncontrol.shapes.detector import detect
 from attncontrol.shapes.scenes import ObjectSpec, render
 from tests.conftest import tiny_pipeline
@@ -44,7 +45,7 @@ def scene():
 
 
 def processors(pipe):
-    return dict(pipe.unet.attn_processors)
+    return dict((pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).attn_processors)
 
 
 def test_inversion_reconstructs_on_the_shipped_model_and_is_deterministic(shapes_sd, scene):
@@ -55,7 +56,7 @@ def test_inversion_reconstructs_on_the_shipped_model_and_is_deterministic(shapes
     assert inversion.latents.shape == (51, 4, 32, 32)
     assert (image == scene.image).all()
     scheduler = shapes_sd.scheduler
-    with ddim_sampling(shapes_sd):
+    with matched_sampling(shapes_sd):
         out = shapes_sd("", latents=inversion.noise, num_inference_steps=50, guidance_scale=1.0, output_type="np")
     assert shapes_sd.scheduler is scheduler
     error = float(np.abs(out.images[0] - scene.image / 255.0).mean())
@@ -97,24 +98,31 @@ def test_fill_paints_the_hole_in_the_surrounding_colour():
     assert torch.equal(filled[..., hole < 0.5], image[..., hole < 0.5])
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl"])
-def test_edits_run_on_sd_and_sdxl_and_restore_the_pipeline(name):
+@pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
+def test_edits_run_on_every_family_and_restore_the_pipeline(name):
     pipe = tiny_pipeline(name)
+    extra = {"max_sequence_length": 16} if name == "flux" else {}
     scheduler, before = pipe.scheduler, processors(pipe)
     image = torch.rand(3, 32, 48)
     original = image.clone()
     hole = (8, 8, 24, 20)
     remover = to_editing(pipe, RemoveMixin)
-    assert isinstance(remover, RemoveStableDiffusionXLPipeline if name == "sdxl" else RemoveStableDiffusionPipeline)
-    removed = remover(image, hole, num_inference_steps=4, output_type="np").images
+    expected = {
+        "sd": RemoveStableDiffusionPipeline,
+        "sdxl": RemoveStableDiffusionXLPipeline,
+        "flux": RemoveFluxPipeline,
+    }
+    assert isinstance(remover, expected[name])
+    removed = remover(image, hole, num_inference_steps=4, output_type="np", **extra).images
     editor = to_editing(pipe, LayeredEditMixin)
     layered = editor(
         image,
         [Layer(hole, offset=(10, 4), scale=1.2, flip="horizontal"), Layer((30, 20, 40, 30), remove=True)],
         num_inference_steps=4,
         output_type="np",
+        **extra,
     ).images
-    zoomed = editor(image, zoom=0.75, pan=(3, 0), num_inference_steps=4, output_type="np").images
+    zoomed = editor(image, zoom=0.75, pan=(3, 0), num_inference_steps=4, output_type="np", **extra).images
     for out in (removed, layered, zoomed):
         assert out.shape == (1, 32, 48, 3) and np.isfinite(out).all()
     assert torch.equal(image, original)
@@ -177,3 +185,22 @@ def test_layered_pipeline_loads_with_from_pretrained(tmp_path):
     assert isinstance(editor, LayeredEditMixin)
     loaded, saved = editor.unet.state_dict(), pipe.unet.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_flow_matching_inversion_retraces_the_forward_schedule():
+    pipe = tiny_pipeline("flux")
+    forward, inverse = matched_scheduler(pipe), matched_scheduler(pipe, inverse=True)
+    sigmas = np.linspace(1.0, 1 / 6, 6)
+    forward.set_timesteps(sigmas=sigmas, mu=0.7)
+    inverse.set_timesteps(sigmas=sigmas, mu=0.7)
+    assert torch.equal(inverse.sigmas, forward.sigmas.flip(0))
+    assert float(inverse.timesteps[0]) == 0.0 and bool((inverse.timesteps.diff() > 0).all())
+    torch.manual_seed(0)
+    start, velocity = torch.randn(1, 16, 8), torch.randn(1, 16, 8)
+    sample = start
+    for timestep in inverse.timesteps:  # a velocity that ignores the sample is inverted exactly by Euler
+        sample = inverse.step(velocity, timestep, sample).prev_sample
+    assert not torch.allclose(sample, start)
+    for timestep in forward.timesteps:
+        sample = forward.step(velocity, timestep, sample).prev_sample
+    assert torch.allclose(sample, start, atol=1e-5)
