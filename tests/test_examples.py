@@ -50,3 +50,11 @@ def test_regional_prompts_example_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", argv)
     module.main()
     assert {p.name for p in tmp_path.iterdir()} == {"uncontrolled.png", "regional.png", "layout.png", "strip.png"}
+
+
+def test_layered_edits_example_runs(tmp_path, monkeypatch):
+    module = load_example("layered_edits")
+    monkeypatch.setattr("sys.argv", ["layered_edits.py", "--steps", "2", "--out", str(tmp_path)])
+    module.main()
+    names = {"input", "removed", "moved", "resized_flipped", "zoomed_out", "strip"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"{name}.png" for name in names}

@@ -213,6 +213,7 @@ class DesignEditMixin:
         blend_until: float,
         fuse_at: float,
         keep_outside: bool,
+        keep_layers: bool,
         hole_init: str,
         generator: torch.Generator | None,
         output_type: str,
@@ -263,7 +264,7 @@ class DesignEditMixin:
                 latents = latents * hole_latent + level * (1 - hole_latent)
             if keep_outside and index >= blend_steps:
                 latents = latents * edited + level * (1 - edited)
-            if index + 1 == fuse_step:
+            if index + 1 == fuse_step or (keep_layers and index + 1 > fuse_step):
                 for paste, mask in zip(pastes, paste_latents, strict=True):
                     latents = latents * (1 - mask) + paste.inversion.after_step(index).to(latents) * mask
             kwargs["latents"] = to_native(self, latents)
@@ -316,6 +317,9 @@ _EDIT_DOC = """
                 last step, so the rest of the image is the VAE round trip of the input (default). DesignEdit lets
                 the whole image run free after ``blend_until`` (``False``), which harmonizes more but can alter
                 objects far from the edit.
+            keep_layers (layered edits): after the fusion, keep resetting each pasted layer to its own inverted
+                latent at every step, so a moved object arrives exactly as it looked (default); ``False`` lets the
+                last steps redraw it with the rest of the canvas, as the paper does.
             hole_init: what the hole starts from: ``"fill"`` (default) inverts the image with the hole painted in
                 the surrounding colours; ``"inverted"`` keeps the object's own inverted latent (DesignEdit's
                 choice, which a small model rebuilds); ``"noise"`` starts from fresh noise.
@@ -367,6 +371,7 @@ class RemoveMixin(DesignEditMixin):
             blend_until=blend_until,
             fuse_at=1.0,
             keep_outside=keep_outside,
+            keep_layers=False,
             hole_init=hole_init,
             generator=generator,
             output_type=output_type,
@@ -425,6 +430,7 @@ class LayeredEditMixin(DesignEditMixin):
         blend_until: float = 0.82,
         fuse_at: float = 0.84,
         keep_outside: bool = True,
+        keep_layers: bool = True,
         hole_init: str = "fill",
         generator: torch.Generator | None = None,
         output_type: str = "pil",
@@ -456,6 +462,7 @@ class LayeredEditMixin(DesignEditMixin):
             blend_until=blend_until,
             fuse_at=fuse_at,
             keep_outside=keep_outside,
+            keep_layers=keep_layers,
             hole_init=hole_init,
             generator=generator,
             output_type=output_type,

@@ -106,6 +106,12 @@ class BenchReport:
             "records": [{**asdict(record), "case": asdict(record.case)} for record in self.records],
         }
 
+    def save(self, out: Path) -> None:
+        """Write ``report.json`` (every record) and ``report.md`` (the table) into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(self.to_json(), indent=1, default=float))
+        (out / "report.md").write_text(self.markdown() + "\n")
+
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (good at rates near 0 or 1 and small n)."""
@@ -340,7 +346,5 @@ def run_bench(
     settings["num_seeds"] = num_seeds
     report = BenchReport(model_name, settings, rows, records, time.perf_counter() - started)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=float))
-        (out / "report.md").write_text(report.markdown() + "\n")
+        report.save(out)
     return report

@@ -26,11 +26,10 @@ counts the scenes whose plain VAE round trip still shows both objects where they
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 
 from attncontrol.core.masks import dilate
 from attncontrol.pipelines.inversion import decode, encode, image_tensor
-from attncontrol.shapes.bench import wilson_interval
+from attncontrol.shapes.bench import BenchReport, BenchRow
 from attncontrol.shapes.detector import DetectedObject, detect
 from attncontrol.shapes.scenes import Scene, SceneGenerator
 
@@ -87,29 +86,19 @@ class EditRecord:
 
 
 @dataclass
-class EditRow:
-    task: str
-    method: str
-    successes: int
-    total: int
-    gone: int
-    kept: int
-    outside_error: float
-    vae_floor: float
-    vae_keeps_scene: int
+class EditRow(BenchRow):
+    """A task x method row: success rate (with its interval) plus the parts of success and the pixel errors."""
 
-    @property
-    def rate(self) -> float:
-        return self.successes / self.total if self.total else float("nan")
+    method: str = ""
+    gone: int = 0
+    kept: int = 0
+    outside_error: float = float("nan")
+    vae_floor: float = float("nan")
+    vae_keeps_scene: int = 0
 
 
-@dataclass
-class EditReport:
-    model: str
-    settings: dict[str, Any]
-    rows: list[EditRow]
-    records: list[EditRecord] = field(default_factory=list)
-    seconds: float = 0.0
+class EditReport(BenchReport):
+    """The editing bench's table; records and JSON as in :class:`attncontrol.shapes.bench.BenchReport`."""
 
     def markdown(self) -> str:
         lines = [
@@ -121,22 +110,13 @@ class EditReport:
             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for row in self.rows:
-            low, high = wilson_interval(row.successes, row.total)
+            low, high = row.interval
             lines.append(
                 f"| {row.task} | {row.method} | {row.successes} | {row.total} | {row.rate:.1%} | "
                 f"{low:.1%} - {high:.1%} | {row.gone / row.total:.1%} | {row.kept / row.total:.1%} | "
                 f"{row.outside_error:.2f} | {row.vae_floor:.2f} | {row.vae_keeps_scene / row.total:.1%} |"
             )
         return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "settings": self.settings,
-            "seconds": self.seconds,
-            "rows": [{**asdict(row), "rate": row.rate} for row in self.rows],
-            "records": [{**asdict(record), "case": asdict(record.case)} for record in self.records],
-        }
 
 
 def _generator(seed: int) -> SceneGenerator:
@@ -307,15 +287,15 @@ def run_edit_bench(
                 )
         for method, done in per_method.items():
             row = EditRow(
-                task,
-                method,
-                sum(r.success for r in done),
-                len(done),
-                sum(r.gone for r in done),
-                sum(r.kept for r in done),
-                float(np.mean([r.outside_error for r in done])),
-                float(np.mean([r.vae_floor for r in done])),
-                sum(r.vae_keeps_scene for r in done),
+                task=task,
+                successes=sum(r.success for r in done),
+                total=len(done),
+                method=method,
+                gone=sum(r.gone for r in done),
+                kept=sum(r.kept for r in done),
+                outside_error=float(np.mean([r.outside_error for r in done])),
+                vae_floor=float(np.mean([r.vae_floor for r in done])),
+                vae_keeps_scene=sum(r.vae_keeps_scene for r in done),
             )
             rows.append(row)
             records.extend(done)
@@ -323,7 +303,5 @@ def run_edit_bench(
     settings = {"num_inference_steps": num_inference_steps, "num_cases": num_cases, "seed": seed}
     report = EditReport(model_name, settings, rows, records, time.perf_counter() - started)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=float))
-        (out / "report.md").write_text(report.markdown() + "\n")
+        report.save(out)
     return report
