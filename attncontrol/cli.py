@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit_parser.add_argument("--model", default=None, help=f"an SD-family model as for generate ({default_model()})")
     edit_parser.add_argument("--task", action="append", default=None, help="remove or move (repeatable; default both)")
     edit_parser.add_argument(
-        "--method", action="append", default=None, help="designedit, designedit-inverted, inpaint-fill, inpaint"
+        "--method",
+        action="append",
+        default=None,
+        help="designedit, designedit-inverted, inpaint-fill, inpaint (default: these four), or an ablation: "
+        "inverted-key-zero, inverted-query, inverted-value",
     )
     edit_parser.add_argument("--num-cases", type=int, default=100, help="cases per task (default: 100)")
     edit_parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as DesignEdit)")

@@ -19,6 +19,9 @@ one contributes:
 - ``inpaint``: plain latent-blending inpainting: the hole starts from fresh noise and is denoised with the source
   copied back outside it, no attention control.
 
+On request, ``inverted-key-zero``, ``inverted-query`` and ``inverted-value`` run the paper's ablation (what is
+masked: keys zeroed as in its code, queries, values) from the paper's inverted start.
+
 The mean absolute pixel error (0..255) outside the dilated edit region says how well the rest of the image is kept;
 ``vae floor`` is the same error for a plain VAE round trip, the best any latent edit can do, and the last column
 counts the scenes whose plain VAE round trip still shows both objects where they were: a ceiling for *kept*.
@@ -54,6 +57,12 @@ EDIT_METHODS: dict[str, dict[str, Any]] = {
     "inpaint-fill": {"key_mask_target": None, "hole_init": "fill"},
     "inpaint": {"key_mask_target": None, "hole_init": "noise"},
 }
+#: the paper's ablation (what is masked), run on request: with the object's own inverted start, where masking matters
+ABLATION_METHODS: dict[str, dict[str, Any]] = {
+    f"inverted-{target}": {"key_mask_target": target, "hole_init": "inverted"}
+    for target in ("key-zero", "query", "value")
+}
+ALL_METHODS = {**EDIT_METHODS, **ABLATION_METHODS}
 EDIT_SEED = 20251124
 CENTROID_TOLERANCE = 4.0
 MIN_MOVE, MAX_MOVE = 8.0, 20.0
@@ -227,9 +236,9 @@ def run_edit_bench(
     """
     from attncontrol.pipelines.editing import Layer, LayeredEditMixin, RemoveMixin, to_editing
 
-    bad = [name for name in tasks if name not in EDIT_TASKS] + [name for name in methods if name not in EDIT_METHODS]
+    bad = [name for name in tasks if name not in EDIT_TASKS] + [name for name in methods if name not in ALL_METHODS]
     if bad:
-        raise ValueError(f"unknown task/method {bad}; tasks: {list(EDIT_TASKS)}, methods: {list(EDIT_METHODS)}")
+        raise ValueError(f"unknown task/method {bad}; tasks: {list(EDIT_TASKS)}, methods: {list(ALL_METHODS)}")
     remover, mover = to_editing(pipe, RemoveMixin), to_editing(pipe, LayeredEditMixin)
     out = Path(out_dir) if out_dir is not None else None
     started = time.perf_counter()
@@ -255,7 +264,7 @@ def run_edit_bench(
                     "num_inference_steps": num_inference_steps,
                     "output_type": "np",
                     "generator": torch.Generator().manual_seed(case.index),
-                    **EDIT_METHODS[method],
+                    **ALL_METHODS[method],
                 }
                 if task == "remove":
                     image = remover(scene.image, mask, **options).images[0]

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from attncontrol.cli import main
 from attncontrol.shapes.detector import detect
@@ -61,3 +62,13 @@ def test_edit_bench_command_prints_and_saves_a_report(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [row["total"] for row in report["rows"]] == [1, 1]
     assert (tmp_path / report["records"][0]["image_path"]).exists()
+
+
+def test_unknown_tasks_and_methods_are_named():
+    from attncontrol.shapes.edit_bench import ALL_METHODS, run_edit_bench
+
+    assert {"inverted-key-zero", "inverted-query", "inverted-value", "designedit", "inpaint"} <= set(ALL_METHODS)
+    with pytest.raises(ValueError, match="inverted-qeury"):
+        run_edit_bench(object(), methods=["inverted-qeury"])
+    with pytest.raises(ValueError, match="'drag'"):
+        run_edit_bench(object(), tasks=["drag"])
