@@ -74,7 +74,7 @@ class KeyMaskedSelfAttention(AttentionControl):
         self.guidance = guidance
         self.branch = branch
         self.refine_until = refine_until
-        self._masks_at_grid: dict[tuple, torch.Tensor] = {}
+        self._keep_cache: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def _spatial(mask: MaskLike | SpatialMask, image_size: tuple[int, int] | None, name: str) -> SpatialMask:
@@ -87,29 +87,28 @@ class KeyMaskedSelfAttention(AttentionControl):
     def applies_to_layer(self, layer: LayerInfo) -> bool:
         return layer.kind in ("self", "joint") and super().applies_to_layer(layer)
 
-    def _coverage(self, call: AttentionCall, device: torch.device) -> torch.Tensor:
-        """Per-image-token coverage in [0, 1] of the hidden region at this call's grid."""
-        fraction = call.step.fraction
-        refining = self.refine_mask is not None and fraction is not None and fraction < self.refine_until
-        key = (call.grid, str(device), refining)
-        cached = self._masks_at_grid.get(key)
-        if cached is None:
-            cached = self.mask.at(call.grid, device=device)
-            if refining:
-                cached = torch.maximum(cached, self.refine_mask.at(call.grid, device=device))
-            self._masks_at_grid[key] = cached
-        return cached
-
     def _rows(self, call: AttentionCall) -> list[int]:
         return call.batch.rows(guidance=self.guidance, branch=self.branch)
 
     def _keep(self, call: AttentionCall, tokens: int, segment: slice, like: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, tokens, 1]``: 1 - coverage on the image tokens of the masked rows, 1 elsewhere."""
-        keep = torch.ones(like.shape[0], 1, tokens, 1, device=like.device, dtype=like.dtype)
+        """``[B, 1, tokens, 1]``: 1 - coverage on the image tokens of the masked rows, 1 elsewhere.
+
+        Built once per resolution, row layout and refine phase, then shared by every layer and step that matches.
+        """
+        fraction = call.step.fraction
+        refining = self.refine_mask is not None and fraction is not None and fraction < self.refine_until
         rows = self._rows(call)
-        if rows:
-            coverage = self._coverage(call, like.device).to(like.dtype)
-            keep[rows, 0, segment, 0] = 1.0 - coverage
+        key = (call.grid, tuple(rows), like.shape[0], tokens, segment.start, segment.stop, like.device, like.dtype)
+        key += (refining,)
+        keep = self._keep_cache.get(key)
+        if keep is None:
+            keep = torch.ones(like.shape[0], 1, tokens, 1, device=like.device, dtype=like.dtype)
+            if rows:
+                coverage = self.mask.at(call.grid, device=like.device)
+                if refining:
+                    coverage = torch.maximum(coverage, self.refine_mask.at(call.grid, device=like.device))
+                keep[rows, 0, segment, 0] = 1.0 - coverage.to(like.dtype)
+            self._keep_cache[key] = keep
         return keep
 
     def edit_qkv(
@@ -134,4 +133,4 @@ class KeyMaskedSelfAttention(AttentionControl):
         return torch.log(keep).transpose(-1, -2)
 
     def reset(self) -> None:
-        self._masks_at_grid = {}
+        self._keep_cache = {}

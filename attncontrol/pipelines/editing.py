@@ -29,6 +29,7 @@ as are its attention processors, also after an exception. The input image is nev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -182,12 +183,10 @@ def _latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tens
 class DesignEditMixin:
     """The shared engine of :class:`RemoveStableDiffusionPipeline` and :class:`LayeredEditStableDiffusionPipeline`."""
 
-    def _check_fractions(self, key_mask_steps: tuple[float, float], blend_until: float, fuse_at: float) -> None:
+    def _check_fractions(self, blend_until: float, fuse_at: float) -> None:
         for name, value in (("blend_until", blend_until), ("fuse_at", fuse_at)):
             if not 0.0 <= value <= 1.0:
                 raise EditError(f"`{name}` must be a fraction of the schedule in [0, 1], got {value}")
-        if not (isinstance(key_mask_steps, tuple) and len(key_mask_steps) == 2):
-            raise EditError(f"`key_mask_steps` must be a (start, end) pair of fractions, got {key_mask_steps!r}")
 
     def _hole_mask(self, mask: MaskLike, size: tuple[int, int], dilation: int | None, name: str) -> torch.Tensor:
         plane = (load_mask(mask, name=name, image_size=size) > 0.5).float()
@@ -226,8 +225,19 @@ class DesignEditMixin:
             raise EditError(f"`key_mask_target` must be one of {KEY_MASK_TARGETS} or None, got {key_mask_target!r}")
         if hole_init not in HOLE_INITS:
             raise EditError(f"`hole_init` must be one of {HOLE_INITS}, got {hole_init!r}")
-        self._check_fractions(key_mask_steps, blend_until, fuse_at)
+        self._check_fractions(blend_until, fuse_at)
         size = tuple(image.shape[-2:])
+        controls = []
+        if hole is not None and key_mask_target is not None:
+            # Built before any inversion: the control validates its steps and masks, so bad ones fail at once.
+            controls.append(
+                KeyMaskedSelfAttention(
+                    SpatialMask(hole, size, name="mask_image"),
+                    target=key_mask_target,
+                    steps=key_mask_steps,
+                    refine_mask=None if refine_mask is None else SpatialMask(refine_mask, size, name="refine_mask"),
+                )
+            )
         invert_kwargs = {**stock_kwargs, "num_inference_steps": num_inference_steps, "guidance_scale": 1.0}
         if source is not None and hole_init == "fill":
             raise EditError("`inversion` cannot be reused with hole_init='fill', which inverts the filled image")
@@ -241,6 +251,10 @@ class DesignEditMixin:
 
         latent_size = tuple(source.latents.shape[-2:])
         device = self._execution_device
+        # Every level goes to the device once, not once per step.
+        source = dataclasses.replace(source, latents=source.latents.to(device))
+        for paste in pastes:
+            paste.inversion = dataclasses.replace(paste.inversion, latents=paste.inversion.latents.to(device))
         hole_latent = None if hole is None else _latent_mask(hole, latent_size).to(device)
         paste_latents = [_latent_mask(paste.mask, latent_size).to(device) for paste in pastes]
         edited = torch.zeros(1, 1, *latent_size, device=device)
@@ -284,16 +298,6 @@ class DesignEditMixin:
             "return_dict": True,
             "callback_on_step_end": step_end,
         }
-        controls = []
-        if hole is not None and key_mask_target is not None:
-            controls.append(
-                KeyMaskedSelfAttention(
-                    SpatialMask(hole, size, name="mask_image", soft_edge=0.0),
-                    target=key_mask_target,
-                    steps=key_mask_steps,
-                    refine_mask=None if refine_mask is None else SpatialMask(refine_mask, size, name="refine_mask"),
-                )
-            )
         with matched_sampling(self), AttentionController(self, controls):
             output = stock_call(self)(**call)
         if not return_dict:

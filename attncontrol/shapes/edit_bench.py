@@ -211,7 +211,7 @@ def _edit_region(case: EditCase, scene: Scene) -> np.ndarray:
     mask = torch.from_numpy(scene.objects[case.target].mask.astype(np.float32))
     if case.task == "move":
         dx, dy = (int(v) for v in case.offset)
-        moved = torch.roll(mask, shifts=(dy, dx), dims=(0, 1))
+        moved = torch.roll(mask, shifts=(dy, dx), dims=(0, 1))  # moves stay 2 px inside, so nothing wraps
         mask = torch.maximum(mask, moved)
     return dilate(mask, OUTSIDE_MARGIN).numpy() > 0.5
 

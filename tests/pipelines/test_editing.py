@@ -160,6 +160,8 @@ def test_bad_edits_fail_before_sampling():
         remover(image * 3, (0, 0, 8, 8))
     with pytest.raises(EditError, match="key_mask_target"):
         remover(image, (0, 0, 8, 8), key_mask_target="keys")
+    with pytest.raises(ValueError, match="`steps` fractions"):
+        remover(image, (0, 0, 8, 8), key_mask_steps=(0.8, 0.2))
     with pytest.raises(EditError, match="entirely off the canvas"):
         editor(image, [Layer((0, 0, 8, 8), offset=(60, 0))], num_inference_steps=2)
     with pytest.raises(EditError, match="same paste order"):
