@@ -92,15 +92,16 @@ def bench(args: argparse.Namespace) -> list[Path]:
 
 
 def edit_bench(args: argparse.Namespace) -> list[Path]:
-    """Score removal and moves on real (rendered, inverted) shapes scenes; print the table, save images + JSON."""
-    from attncontrol.shapes.edit_bench import EDIT_METHODS, EDIT_TASKS, run_edit_bench
+    """Score removal, moves, drags and compositions on real (rendered, inverted) shapes scenes; print the table,
+    save images + JSON."""
+    from attncontrol.shapes.edit_bench import EDIT_TASKS, run_edit_bench
 
     pipe = load_pipeline(args.model, device=args.device)
     report = run_edit_bench(
         pipe,
         model_name=args.model or default_model(),
         tasks=args.task or list(EDIT_TASKS),
-        methods=args.method or list(EDIT_METHODS),
+        methods=args.method,
         num_cases=args.num_cases,
         num_inference_steps=args.steps,
         out_dir=args.out,
@@ -155,16 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.set_defaults(func=bench)
 
     edit_parser = commands.add_parser(
-        "edit-bench", help="score object removal and moves (DesignEdit vs plain inpainting) on shapes scenes"
+        "edit-bench", help="score removal, moves, drags and compositions against their baselines on shapes scenes"
     )
     edit_parser.add_argument("--model", default=None, help=f"an SD-family model as for generate ({default_model()})")
-    edit_parser.add_argument("--task", action="append", default=None, help="remove or move (repeatable; default both)")
+    edit_parser.add_argument(
+        "--task", action="append", default=None, help="remove, move, drag or compose (repeatable; default: all four)"
+    )
     edit_parser.add_argument(
         "--method",
         action="append",
         default=None,
-        help="designedit, designedit-inverted, inpaint-fill, inpaint (default: these four), or an ablation: "
-        "inverted-key-zero, inverted-query, inverted-value",
+        help="remove/move: designedit, designedit-inverted, inpaint-fill, inpaint, or the ablation inverted-key-zero, "
+        "inverted-query, inverted-value; drag: drag, drag-masked, drag-unshared; compose: compose, "
+        "compose-unsteered, compose-shared; drag and compose: cut-paste-sdedit, regenerate "
+        "(default: each task's own list)",
     )
     edit_parser.add_argument("--num-cases", type=int, default=100, help="cases per task (default: 100)")
     edit_parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as DesignEdit)")
