@@ -58,3 +58,11 @@ def test_layered_edits_example_runs(tmp_path, monkeypatch):
     module.main()
     names = {"input", "removed", "moved", "resized_flipped", "zoomed_out", "strip"}
     assert {p.name for p in tmp_path.iterdir()} == {f"{name}.png" for name in names}
+
+
+def test_drag_and_compose_example_runs(tmp_path, monkeypatch):
+    module = load_example("drag_and_compose")
+    monkeypatch.setattr("sys.argv", ["drag_and_compose.py", "--steps", "2", "--out", str(tmp_path)])
+    module.main()
+    names = {"input", "dragged", "reference", "composed", "strip"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"{name}.png" for name in names}

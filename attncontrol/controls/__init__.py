@@ -2,5 +2,16 @@
 
 from attncontrol.controls.key_mask import KeyMaskedSelfAttention
 from attncontrol.controls.regions import Circle, Region, RegionalAttention, RegionError
+from attncontrol.controls.sharing import AnchoredSharing, CorrelationSteering, SharedAttention, ShareRegion
 
-__all__ = ["Circle", "KeyMaskedSelfAttention", "Region", "RegionError", "RegionalAttention"]
+__all__ = [
+    "AnchoredSharing",
+    "Circle",
+    "CorrelationSteering",
+    "KeyMaskedSelfAttention",
+    "Region",
+    "RegionError",
+    "RegionalAttention",
+    "ShareRegion",
+    "SharedAttention",
+]

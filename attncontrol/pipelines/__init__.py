@@ -17,8 +17,35 @@ from attncontrol.pipelines.regional import (
     RegionalStableDiffusionXLPipeline,
     to_regional,
 )
+from attncontrol.pipelines.sharing import (
+    ComposeFluxPipeline,
+    ComposeMixin,
+    ComposeStableDiffusionPipeline,
+    ComposeStableDiffusionXLPipeline,
+    ConsistentEditFluxPipeline,
+    ConsistentEditMixin,
+    ConsistentEditStableDiffusionPipeline,
+    ConsistentEditStableDiffusionXLPipeline,
+    DragFluxPipeline,
+    DragMixin,
+    DragStableDiffusionPipeline,
+    DragStableDiffusionXLPipeline,
+    to_sharing,
+)
 
 __all__ = [
+    "ComposeFluxPipeline",
+    "ComposeMixin",
+    "ComposeStableDiffusionPipeline",
+    "ComposeStableDiffusionXLPipeline",
+    "ConsistentEditFluxPipeline",
+    "ConsistentEditMixin",
+    "ConsistentEditStableDiffusionPipeline",
+    "ConsistentEditStableDiffusionXLPipeline",
+    "DragFluxPipeline",
+    "DragMixin",
+    "DragStableDiffusionPipeline",
+    "DragStableDiffusionXLPipeline",
     "Inversion",
     "Layer",
     "LayeredEditFluxPipeline",
@@ -33,4 +60,5 @@ __all__ = [
     "invert",
     "to_editing",
     "to_regional",
+    "to_sharing",
 ]

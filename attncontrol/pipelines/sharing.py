@@ -60,7 +60,7 @@ from attncontrol.core.control import AttentionControl
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.errors import EditError
 from attncontrol.core.layers import LayerSpec
-from attncontrol.core.masks import MaskLike, SpatialMask, load_mask
+from attncontrol.core.masks import MaskLike, SpatialMask, dilate, feather, load_mask
 from attncontrol.pipelines.editing import (
     DesignEditMixin,
     _box_center,
@@ -184,6 +184,20 @@ def paste_reference(
     return background * (1 - placed) + placed_reference * placed, placed_reference, placed
 
 
+#: pixels the edited region is grown by before the input's own pixels are put back around it
+OVERLAY_MARGIN = 2
+
+
+def overlay_outside(images: torch.Tensor, original: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Put ``original``'s pixels back outside ``region`` (grown by :data:`OVERLAY_MARGIN` px, 1 px soft edge).
+
+    ``images`` are ``[N, 3, H, W]`` in [0, 1], ``original`` ``[1, 3, H, W]`` in [-1, 1], ``region`` ``[H, W]``. What
+    inpainting UIs call "overlay": the VAE round trip cannot change a pixel the edit did not touch.
+    """
+    soft = feather(dilate((region > 0.5).float(), OVERLAY_MARGIN), 1.0).to(images)
+    return images * soft + ((original.to(images) + 1) / 2) * (1 - soft)
+
+
 class SharingEditMixin(DesignEditMixin):
     """The engine shared by drag, composition and consistent edits: one batch, explicit row roles."""
 
@@ -204,6 +218,7 @@ class SharingEditMixin(DesignEditMixin):
         callback_on_step_end: Callable | None,
         stock_kwargs: dict[str, Any],
         keep_rows: bool = False,
+        overlay: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Any:
         device = self._execution_device
         follows = [
@@ -236,7 +251,7 @@ class SharingEditMixin(DesignEditMixin):
             "width": size[1],
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
-            "output_type": output_type,
+            "output_type": "pt" if overlay is not None and output_type != "latent" else output_type,
             "return_dict": True,
             "callback_on_step_end": step_end,
         }
@@ -249,6 +264,14 @@ class SharingEditMixin(DesignEditMixin):
         with matched_sampling(self), controller:
             output = stock_call(self)(**call)
         images = output.images if keep_rows else output.images[target : target + 1]
+        if overlay is not None and call["output_type"] == "pt":
+            original, region = overlay
+            images = images.clone()
+            row = target if keep_rows else 0
+            images[row : row + 1] = overlay_outside(images[row : row + 1], original, region)
+            if output_type != "pt":
+                images = self.image_processor.pt_to_numpy(images)
+                images = self.image_processor.numpy_to_pil(images) if output_type == "pil" else images
         if not return_dict:
             return (images,)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
@@ -289,6 +312,7 @@ class DragMixin(SharingEditMixin):
         hold_object_until: float = 0.5,
         dilation: int | None = None,
         keep_outside: bool = True,
+        overlay_original: bool = True,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -312,6 +336,8 @@ class DragMixin(SharingEditMixin):
             dilation: pixels the old place is grown by before it is filled (default as for removal).
             keep_outside: keep the source's latents outside the edited region to the end (default); ``False``
                 lets the last steps after 82% run free.
+            overlay_original: put the input's own pixels back outside the edited region (the old and new place,
+                grown by 2 px), so the VAE round trip cannot alter the rest of the image (default).
         """
         if (offset is None) == (target_box is None):
             raise EditError("give exactly one of `offset` (dx, dy) and `target_box` (x0, y0, x1, y1)")
@@ -363,6 +389,7 @@ class DragMixin(SharingEditMixin):
             return latents
 
         rows = [_Row("source", source.noise, follows=source), _Row("target", target.noise)]
+        overlay = (pixels, torch.maximum(hole, moved)) if overlay_original else None
         return self._run_rows(
             rows,
             size=size,
@@ -371,6 +398,7 @@ class DragMixin(SharingEditMixin):
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             target_step=keep_source_outside,
+            overlay=overlay,
             output_type=output_type,
             return_dict=return_dict,
             callback_on_step_end=callback_on_step_end,
@@ -401,6 +429,7 @@ class ComposeMixin(SharingEditMixin):
         paste_until: float = 0.2,
         blend_until: float = 0.8,
         keep_outside: bool = True,
+        overlay_original: bool = True,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -425,6 +454,8 @@ class ComposeMixin(SharingEditMixin):
             blend_until: until this fraction the background's latent is kept outside the object (tau_b = 0.8).
             keep_outside: keep the background outside the object to the end (default), not only until
                 ``blend_until``.
+            overlay_original: put the background's own pixels back outside the object (grown by 2 px), so the
+                VAE round trip cannot alter the rest of the image (default).
         """
         for name, value in (("paste_until", paste_until), ("blend_until", blend_until)):
             if not 0.0 <= value <= 1.0:
@@ -480,6 +511,7 @@ class ComposeMixin(SharingEditMixin):
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             target_step=blend,
+            overlay=(background, placed) if overlay_original else None,
             object_phrase=object_phrase,
             phrase_mask=object_mask,
             output_type=output_type,

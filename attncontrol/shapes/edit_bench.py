@@ -26,12 +26,17 @@ one contributes:
 - ``inpaint``: plain latent-blending inpainting: the hole starts from fresh noise and is denoised with the source
   copied back outside it, no attention control.
 
-Drag methods: ``drag`` (the pipeline's defaults: DiffUHaul-style anchored sharing), ``drag-masked`` (plain masked
-sharing at every step), ``drag-unshared`` (the same inverted cut-and-paste start, no sharing). Compose methods:
-``compose`` (PrimeComposer steering), ``compose-unsteered`` (the same blending, no steering), ``compose-shared``
-(steering plus background/reference sharing). The naive baselines of both: ``cut-paste-sdedit`` (the cut-and-paste
-image, hole filled, through SDEdit at strength 0.5 with the result's caption) and ``regenerate`` (text-to-image with
-the result's caption, spatial words included when unambiguous, guidance 5).
+Drag and compose methods get the result's caption as prompt (no spatial words; compose also names the pasted
+object as ``object_phrase``), as the SDEdit baseline does, and all of them put the input's pixels back outside the
+edited region (the pipelines' ``overlay_original``), so differences come from the edited region alone.
+
+- drag: ``drag`` (the pipeline's defaults: DiffUHaul-style anchored sharing), ``drag-masked`` (plain masked sharing
+  at every step), ``drag-unshared`` (the same inverted cut-and-paste start and latent anchoring, no sharing);
+- compose: ``compose`` (PrimeComposer steering), ``compose-unsteered`` (the same blending, no steering),
+  ``compose-shared`` (steering plus background/reference sharing);
+- the naive baselines of both: ``cut-paste-sdedit`` (the cut-and-paste image, hole filled, through SDEdit at
+  strength 0.5 with the result's caption) and ``regenerate`` (text-to-image with the result's caption, spatial words
+  included when unambiguous, guidance 5; nothing is overlaid, it is a new image).
 
 On request, ``inverted-key-zero``, ``inverted-query`` and ``inverted-value`` run the paper's ablation (what is
 masked: keys zeroed as in its code, queries, values) from the paper's inverted start.
@@ -372,7 +377,7 @@ class _Editors:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._made:
-            from diffusers import AutoPipelineForImage2Image
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
             from attncontrol.pipelines.editing import LayeredEditMixin, RemoveMixin, to_editing
             from attncontrol.pipelines.sharing import ComposeMixin, DragMixin, to_sharing
@@ -383,6 +388,7 @@ class _Editors:
                 "dragger": lambda: to_sharing(self.pipe, DragMixin),
                 "composer": lambda: to_sharing(self.pipe, ComposeMixin),
                 "img2img": lambda: AutoPipelineForImage2Image.from_pipe(self.pipe),
+                "text2img": lambda: AutoPipelineForText2Image.from_pipe(self.pipe),
             }
             self._made[name] = makers[name]()
             self._made[name].set_progress_bar_config(disable=True)
@@ -391,46 +397,55 @@ class _Editors:
 
 def _naive_image(
     editors: _Editors, method: str, case: EditCase, scene: Scene, reference: Scene | None, steps: int
-) -> Any:
+) -> np.ndarray:
     """The naive baselines: SDEdit of the cut-and-paste image, or regenerating from the result's caption."""
-    from attncontrol.pipelines.sharing import cut_and_paste, paste_reference
+    from attncontrol.pipelines.sharing import cut_and_paste, overlay_outside, paste_reference
 
     generator = torch.Generator().manual_seed(case.index)
-    specs = _result_specs(case, scene, reference)
     if method == "regenerate":
-        caption = caption_for(specs, scene.background, spatial=True, mention_background=scene.background != "white")
+        caption = _result_caption(case, scene, reference, spatial=True)
         options = NAIVE_METHODS[method]
-        return editors.pipe(caption, num_inference_steps=steps, generator=generator, output_type="np", **options)
+        return editors.text2img(
+            caption, num_inference_steps=steps, generator=generator, output_type="np", **options
+        ).images
     pixels = image_tensor(editors.pipe, scene.image)
     if case.task == "compose":
         mask = torch.from_numpy(reference.objects[0].mask.astype(np.float32))
-        composite, _, _ = paste_reference(pixels, image_tensor(editors.pipe, reference.image), mask, case.box)
+        composite, _, region = paste_reference(pixels, image_tensor(editors.pipe, reference.image), mask, case.box)
     else:
         mask = torch.from_numpy(scene.objects[case.target].mask.astype(np.float32))
         hole = dilate(mask, round(REMOVAL_DILATION * scene.image.shape[0]))
-        composite, _ = cut_and_paste(pixels, mask, case.offset, 1.0, hole)
-    caption = caption_for(specs, scene.background, spatial=False, mention_background=scene.background != "white")
-    return editors.img2img(
-        caption,
+        composite, moved = cut_and_paste(pixels, mask, case.offset, 1.0, hole)
+        region = torch.maximum(hole, moved)
+    images = editors.img2img(
+        _result_caption(case, scene, reference),
         image=(composite + 1) / 2,
         num_inference_steps=steps,
         guidance_scale=1.0,
         generator=generator,
-        output_type="np",
+        output_type="pt",
         **NAIVE_METHODS[method],
-    )
+    ).images
+    return overlay_outside(images, pixels, region).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _result_caption(case: EditCase, scene: Scene, reference: Scene | None, *, spatial: bool = False) -> str:
+    specs = _result_specs(case, scene, reference)
+    return caption_for(specs, scene.background, spatial=spatial, mention_background=scene.background != "white")
 
 
 def _edited_image(
     editors: _Editors, method: str, case: EditCase, scene: Scene, reference: Scene | None, steps: int
 ) -> np.ndarray:
     if method in NAIVE_METHODS:
-        output = _naive_image(editors, method, case, scene, reference, steps)
+        images = _naive_image(editors, method, case, scene, reference, steps)
     else:
         options: dict[str, Any] = {"num_inference_steps": steps, "output_type": "np", **ALL_METHODS[method]}
         if case.task == "compose":
-            mask = reference.objects[0].mask
-            output = editors.composer(scene.image, reference.image, mask, case.box, **options)
+            pasted = reference.objects[0]
+            options["prompt"] = _result_caption(case, scene, reference)
+            options["object_phrase"] = f"{pasted.color} {pasted.shape}"
+            output = editors.composer(scene.image, reference.image, pasted.mask, case.box, **options)
         else:
             mask = scene.objects[case.target].mask
             options["generator"] = torch.Generator().manual_seed(case.index)
@@ -441,8 +456,10 @@ def _edited_image(
 
                 output = editors.mover(scene.image, [Layer(mask, offset=case.offset)], **options)
             else:
+                options["prompt"] = _result_caption(case, scene, reference)
                 output = editors.dragger(scene.image, mask, case.offset, **options)
-    return (np.asarray(output.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
+        images = output.images
+    return (np.asarray(images[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def run_edit_bench(

@@ -203,3 +203,21 @@ def test_anchored_sharing_blends_early_and_passes_nearest_features_late():
             assert bool(matches.any())  # a copy of one source object token
     assert torch.equal(passed[1][:, ~target], output[1][:, ~target])
     assert torch.equal(passed[0], output[0])
+
+
+def test_sharing_composes_with_key_masking_in_one_pass():
+    from attncontrol.controls.key_mask import KeyMaskedSelfAttention
+
+    _, model, kwargs = denoiser_and_inputs("sd")
+    hole = (0.5, 0.0, 1.0, 0.5)
+    sharing = SharedAttention(mode="concat", layers=None, steps=None)
+    masking = KeyMaskedSelfAttention(hole, image_size=SIZE, branch="target", steps=None)
+    store = AttentionStore(kinds="self", branch="target")
+    run(model, kwargs, [sharing, masking, store])
+    for record in store.records("self"):
+        tokens = record.grid[0] * record.grid[1]
+        hidden = resize_to_grid(box_mask(hole, SIZE), record.grid).flatten() >= 1.0
+        own, source = record.probs[0][:, :tokens], record.probs[0][:, tokens:]
+        assert float(own[:, hidden].max()) == 0.0  # the target's own hole stays hidden
+        assert float(source[:, hidden].sum()) > 0.0  # the source's keys there are shared, not masked
+        assert float(own[:, ~hidden].sum()) > 0.0
