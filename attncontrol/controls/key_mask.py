@@ -25,6 +25,7 @@ import torch
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.layers import LayerInfo, LayerSpec
 from attncontrol.core.masks import MaskLike, SpatialMask
+from attncontrol.core.state import check_guidance
 
 KEY_MASK_TARGETS = ("key", "key-zero", "query", "value")
 
@@ -64,8 +65,7 @@ class KeyMaskedSelfAttention(AttentionControl):
         super().__init__(layers=layers, steps=steps)
         if target not in KEY_MASK_TARGETS:
             raise ValueError(f"`target` must be one of {KEY_MASK_TARGETS}, got {target!r}")
-        if guidance not in (None, "cond", "uncond"):
-            raise ValueError(f"`guidance` must be 'cond', 'uncond' or None, got {guidance!r}")
+        check_guidance(guidance)
         if not 0.0 <= refine_until <= 1.0:
             raise ValueError(f"`refine_until` must be in [0, 1], got {refine_until}")
         self.mask = self._spatial(mask, image_size, "mask")

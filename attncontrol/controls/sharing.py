@@ -35,6 +35,7 @@ from attncontrol.core import compute
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.layers import LayerInfo, LayerSpec
 from attncontrol.core.masks import MaskLike, SpatialMask
+from attncontrol.core.state import check_guidance
 
 SHARE_MODES = ("replace", "concat")
 #: MasaCtrl: from step 4 of 50 on (``start_step=4``).
@@ -68,13 +69,9 @@ def _spatial(mask: MaskLike | SpatialMask | None, image_size: tuple[int, int] | 
     return SpatialMask(mask, image_size, name=name)
 
 
-class _Complement(SpatialMask):
-    """``1 - mask``, sharing the original's validation (the background of an object mask)."""
-
-    def __init__(self, mask: SpatialMask) -> None:
-        self.image = 1.0 - mask.image
-        self.name = f"1 - {mask.name}"
-        self._grids = {}
+def _complement(mask: SpatialMask) -> SpatialMask:
+    """``1 - mask``: the background of an object mask."""
+    return SpatialMask(1.0 - mask.image, mask.image_size, name=f"1 - {mask.name}", allow_empty=True)
 
 
 def _pairs(call: AttentionCall, guidance: str | None, target: str, source: str) -> list[tuple[int, int]]:
@@ -134,8 +131,7 @@ class SharedAttention(AttentionControl):
         super().__init__(layers=layers, steps=steps)
         if mode not in SHARE_MODES:
             raise ValueError(f"`mode` must be one of {SHARE_MODES}, got {mode!r}")
-        if guidance not in (None, "cond", "uncond"):
-            raise ValueError(f"`guidance` must be 'cond', 'uncond' or None, got {guidance!r}")
+        check_guidance(guidance)
         target_mask = _spatial(target_mask, image_size, "target_mask")
         source_mask = _spatial(source_mask, image_size, "source_mask")
         if regions is not None:
@@ -149,7 +145,7 @@ class SharedAttention(AttentionControl):
         elif target_mask is not None:
             regions = [
                 ShareRegion(source, target_mask, source_mask),
-                ShareRegion(source, _Complement(target_mask), _Complement(source_mask)),
+                ShareRegion(source, _complement(target_mask), _complement(source_mask)),
             ]
         else:
             regions = [ShareRegion(source)]
@@ -422,8 +418,7 @@ class CorrelationSteering(AttentionControl):
         steps: StepSpec = PRIMECOMPOSER_STEPS,
     ) -> None:
         super().__init__(layers=layers, steps=steps)
-        if guidance not in (None, "cond", "uncond"):
-            raise ValueError(f"`guidance` must be 'cond', 'uncond' or None, got {guidance!r}")
+        check_guidance(guidance)
         if reference == target:
             raise ValueError("`reference` and `target` must be different branches")
         self.object_mask = _spatial(object_mask, image_size, "object_mask")

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 GUIDANCE_ROLES = ("uncond", "cond")
 
 
+def check_guidance(guidance: str | None, name: str = "guidance") -> str | None:
+    """A control's guidance-half selection: ``"cond"``, ``"uncond"`` or ``None`` (both)."""
+    if guidance not in (None, *GUIDANCE_ROLES):
+        raise ValueError(f"`{name}` must be 'cond', 'uncond' or None, got {guidance!r}")
+    return guidance
+
+
 @dataclass
 class StepState:
     """Where the sampler is: step ``index`` of ``num_steps`` at model timestep ``timestep``.

@@ -54,7 +54,7 @@ from attncontrol.pipelines.inversion import (
     matched_sampling,
     to_native,
 )
-from attncontrol.pipelines.stock import stock_call
+from attncontrol.pipelines.stock import stock_call, twin_of
 
 logger = logging.getLogger(__name__)
 
@@ -570,9 +570,4 @@ def to_editing(pipe: Any, kind: type[DesignEditMixin] = RemoveMixin) -> Any:
         return pipe
     if kind not in _TWINS:
         raise TypeError(f"`kind` must be RemoveMixin or LayeredEditMixin, got {kind!r}")
-    for stock_cls, twin_cls in _TWINS[kind]:
-        if isinstance(pipe, stock_cls):
-            twin = twin_cls.from_pipe(pipe)
-            twin.set_progress_bar_config(disable=True)
-            return twin
-    raise TypeError(f"editing needs an SD 1.x/2.x, SDXL or Flux pipeline, got {type(pipe).__name__}")
+    return twin_of(pipe, _TWINS[kind], "edits")

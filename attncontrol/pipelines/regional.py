@@ -40,7 +40,7 @@ from attncontrol.core.controller import AttentionController
 from attncontrol.core.state import StepState
 from attncontrol.core.store import AttentionStore
 from attncontrol.core.tokens import token_indices
-from attncontrol.pipelines.stock import frozen
+from attncontrol.pipelines.stock import frozen, twin_of
 from attncontrol.pipelines.stock import stock_call as stock_call_of
 
 logger = logging.getLogger(__name__)
@@ -469,12 +469,7 @@ def to_regional(pipe: Any) -> Any:
         (FluxPipeline, RegionalFluxPipeline),
         (StableDiffusionPipeline, RegionalStableDiffusionPipeline),
     )
-    for stock_cls, regional_cls in twins:
-        if isinstance(pipe, stock_cls):
-            regional = regional_cls.from_pipe(pipe)
-            regional.set_progress_bar_config(disable=True)
-            return regional
-    raise TypeError(f"regional prompts need an SD, SDXL or Flux pipeline, got {type(pipe).__name__}")
+    return twin_of(pipe, twins, "regional prompts")
 
 
 __all__ = [

@@ -77,7 +77,7 @@ from attncontrol.pipelines.inversion import (
     matched_sampling,
     to_native,
 )
-from attncontrol.pipelines.stock import stock_call
+from attncontrol.pipelines.stock import stock_call, twin_of
 
 logger = logging.getLogger(__name__)
 
@@ -666,12 +666,7 @@ def to_sharing(pipe: Any, kind: type[SharingEditMixin]) -> Any:
         return pipe
     if kind not in _TWINS:
         raise TypeError(f"`kind` must be DragMixin, ComposeMixin or ConsistentEditMixin, got {kind!r}")
-    for stock_cls, twin_cls in zip(_FAMILIES, _TWINS[kind], strict=True):
-        if isinstance(pipe, stock_cls):
-            twin = twin_cls.from_pipe(pipe)
-            twin.set_progress_bar_config(disable=True)
-            return twin
-    raise TypeError(f"sharing edits need an SD 1.x/2.x, SDXL or Flux pipeline, got {type(pipe).__name__}")
+    return twin_of(pipe, list(zip(_FAMILIES, _TWINS[kind], strict=True)), "sharing edits")
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,3 +50,14 @@ def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
     finally:
         for param, flag in saved:
             param.requires_grad_(flag)
+
+
+def twin_of(pipe: Any, twins: Sequence[tuple[type, type]], what: str) -> Any:
+    """The first ``twin`` class whose stock class ``pipe`` is, built with ``from_pipe`` (components shared, progress
+    bar off). ``twins`` lists (stock class, twin class) with subclasses before their bases (SDXL is not SD)."""
+    for stock_cls, twin_cls in twins:
+        if isinstance(pipe, stock_cls):
+            twin = twin_cls.from_pipe(pipe)
+            twin.set_progress_bar_config(disable=True)
+            return twin
+    raise TypeError(f"{what} need an SD 1.x/2.x, SDXL or Flux pipeline, got {type(pipe).__name__}")
