@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="remove/move: designedit, designedit-inverted, inpaint-fill, inpaint, or the ablation inverted-key-zero, "
-        "inverted-query, inverted-value; drag: drag, drag-masked, drag-unshared; compose: compose, "
+        "inverted-query, inverted-value; drag: drag, drag-unshared, drag-free-late, drag-free-late-masked, "
+        "drag-free-late-unshared; compose: compose, "
         "compose-unsteered, compose-shared; drag and compose: cut-paste-sdedit, regenerate "
         "(default: each task's own list)",
     )

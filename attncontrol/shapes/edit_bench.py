@@ -30,8 +30,10 @@ Drag and compose methods get the result's caption as prompt (no spatial words; c
 object as ``object_phrase``), as the SDEdit baseline does, and all of them put the input's pixels back outside the
 edited region (the pipelines' ``overlay_original``), so differences come from the edited region alone.
 
-- drag: ``drag`` (the pipeline's defaults: DiffUHaul-style anchored sharing), ``drag-masked`` (plain masked sharing
-  at every step), ``drag-unshared`` (the same inverted cut-and-paste start and latent anchoring, no sharing);
+- drag: ``drag`` (the pipeline's defaults: DiffUHaul-style anchored sharing, the object held on the inverted
+  cut-and-paste image), ``drag-unshared`` (the same, no sharing); ``drag-free-late`` (the object runs free after
+  half the steps), ``drag-free-late-masked`` (and plain masked sharing at every step instead of anchoring),
+  ``drag-free-late-unshared`` (free after half, no sharing);
 - compose: ``compose`` (PrimeComposer steering), ``compose-unsteered`` (the same blending, no steering),
   ``compose-shared`` (steering plus background/reference sharing);
 - the naive baselines of both: ``cut-paste-sdedit`` (the cut-and-paste image, hole filled, through SDEdit at
@@ -90,8 +92,10 @@ NAIVE_METHODS: dict[str, dict[str, Any]] = {
 }
 DRAG_METHODS: dict[str, dict[str, Any]] = {
     "drag": {},
-    "drag-masked": {"sharing": "masked"},
     "drag-unshared": {"sharing": None},
+    "drag-free-late": {"hold_object_until": 0.5},
+    "drag-free-late-masked": {"hold_object_until": 0.5, "sharing": "masked"},
+    "drag-free-late-unshared": {"hold_object_until": 0.5, "sharing": None},
     **NAIVE_METHODS,
 }
 COMPOSE_METHODS: dict[str, dict[str, Any]] = {
