@@ -16,17 +16,18 @@ inversion of :mod:`attncontrol.pipelines.inversion`. The pipeline's scheduler an
 afterwards, also after an exception; the inputs are never modified.
 
 - Drag: the object is cut out (its hole filled from the surroundings, as in removal), pasted at its new place and
-  that composite is inverted: the target row starts from it. Outside the edited region the target keeps the
-  source's latents; inside, :class:`attncontrol.controls.sharing.AnchoredSharing` lets the object's tokens read the
-  source object and all other tokens read only the source background (so the old place fills with background),
-  blended with the target's own attention early and by localized feature passing late. DiffUHaul's BlobGEN model
-  is not needed: the composite's inversion supplies the new layout.
+  that composite is inverted: the target row starts from it, and the object's latent follows that inversion until
+  ``hold_object_until`` (to the end by default). Outside the edited region the target keeps the source's latents;
+  :class:`attncontrol.controls.sharing.AnchoredSharing` lets the object's tokens read the source object and all
+  other tokens read only the source background (so the old place fills with background), blended with the
+  target's own attention early and by localized feature passing late. DiffUHaul's BlobGEN model is not needed: the
+  composite's inversion supplies the new layout.
 - Compose: the reference object is placed in ``box`` (scaled to fit) and pasted onto the background; rows are
   background, reference (the transformed reference image) and target. The target is the inverted composite until
-  ``paste_until``, then the background's latent outside the object and generated content inside until
-  ``blend_until`` (PrimeComposer's tau_c and tau_b); :class:`CorrelationSteering` steers its object tokens with the
-  reference's keys for the first 30% of the steps (tau_a), and ``object_phrase`` adds the region-constrained
-  cross-attention.
+  ``paste_until`` (default 0.84; the paper's 0.2 lets a small model blur the object), then the background's latent
+  outside the object and generated content inside until ``blend_until`` (PrimeComposer's tau_c and tau_b).
+  :class:`CorrelationSteering` steers its object tokens with the reference's keys until 10% past the release
+  (the paper's tau_a - tau_c), and ``object_phrase`` adds the region-constrained cross-attention.
 - Consistent edit: a source and a target prompt from the same noise (or a real image's inversion); the target's
   decoder self-attention reads the source's keys and values from step 4 of 50 (MasaCtrl), so the appearance stays
   while the prompt changes pose or layout.
@@ -82,6 +83,8 @@ from attncontrol.pipelines.stock import stock_call, twin_of
 logger = logging.getLogger(__name__)
 
 DRAG_SHARING = ("anchored", "masked", None)
+#: PrimeComposer's tau_c as its sampler runs it (the README's --tau_c never reaches it): the paste is released here
+PRIMECOMPOSER_PASTE_UNTIL = 0.2
 FITS = ("contain", "none")
 Box = tuple[float, float, float, float]
 
@@ -431,9 +434,9 @@ class ComposeMixin(SharingEditMixin):
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         steering: bool = True,
-        steer_steps: tuple[float, float] = PRIMECOMPOSER_STEPS,
+        steer_steps: tuple[float, float] | None = None,
         share_background: bool = False,
-        paste_until: float = 0.2,
+        paste_until: float = 0.84,
         blend_until: float = 0.8,
         keep_outside: bool = True,
         overlay_original: bool = True,
@@ -454,10 +457,14 @@ class ComposeMixin(SharingEditMixin):
                 ``"none"`` keeps its size and refuses an object larger than the box.
             object_phrase: a phrase of ``prompt`` naming the object; its tokens are then visible only from inside
                 the object (region-constrained cross-attention).
-            steering: PrimeComposer's attention steering from the reference during ``steer_steps`` (tau_a = 0.3).
+            steering: PrimeComposer's attention steering from the reference during ``steer_steps``.
+            steer_steps: fractions of the schedule; default from the start to 10% past ``paste_until``, the gap the
+                paper leaves between releasing the paste and ending the steering (tau_c 0.2, tau_a 0.3).
             share_background: also let background tokens read the background row and object tokens the
                 reference row (TF-ICON-style composite self-attention) during ``steer_steps``.
-            paste_until: the target is the inverted composite until this fraction (tau_c; the code's default 0.2).
+            paste_until: the target is the inverted composite until this fraction (tau_c). Default 0.84, so the last
+                8 of 50 steps harmonize the seams: on the small shapes model an object released at the paper's 0.2
+                blurs (59 of 100 compositions land, see the README).
             blend_until: until this fraction the background's latent is kept outside the object (tau_b = 0.8).
             keep_outside: keep the background outside the object to the end (default), not only until
                 ``blend_until``.
@@ -467,6 +474,8 @@ class ComposeMixin(SharingEditMixin):
         for name, value in (("paste_until", paste_until), ("blend_until", blend_until)):
             if not 0.0 <= value <= 1.0:
                 raise EditError(f"`{name}` must be a fraction of the schedule in [0, 1], got {value}")
+        if steer_steps is None:
+            steer_steps = (0.0, min(1.0, paste_until + PRIMECOMPOSER_STEPS[1] - PRIMECOMPOSER_PASTE_UNTIL))
         background = image_tensor(self, image)
         reference = image_tensor(self, reference_image, name="reference_image")
         size = tuple(background.shape[-2:])
