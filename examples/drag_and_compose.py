@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--mask", default=None, help="the object to drag (white = object); needed with --image")
     parser.add_argument("--reference", default=None, help="an image holding the object to compose in")
     parser.add_argument("--reference-mask", default=None, help="that object's mask; needed with --reference")
-    parser.add_argument("--offset", type=float, nargs=2, default=(14.0, 0.0), metavar=("DX", "DY"))
+    parser.add_argument("--offset", type=float, nargs=2, default=(0.0, 16.0), metavar=("DX", "DY"))
     parser.add_argument("--box", type=float, nargs=4, default=(36.0, 6.0, 56.0, 26.0), metavar=("X0", "Y0", "X1", "Y1"))
     parser.add_argument("--prompt", default="a red square, a blue circle and a yellow triangle")
     parser.add_argument("--object-phrase", default="yellow triangle", help="the composed object's words in --prompt")
