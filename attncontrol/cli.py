@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="remove/move: designedit, designedit-inverted, inpaint-fill, inpaint, or the ablation inverted-key-zero, "
         "inverted-query, inverted-value; drag: drag, drag-unshared, drag-free-late, drag-free-late-masked, "
-        "drag-free-late-unshared; compose: compose, compose-unsteered, compose-early-release, "
+        "drag-free-late-unshared; compose: compose, compose-steered, compose-early-release, "
         "compose-early-release-unsteered, compose-early-release-shared; drag and compose: cut-paste-sdedit, regenerate "
         "(default: each task's own list)",
     )

@@ -26,8 +26,8 @@ afterwards, also after an exception; the inputs are never modified.
   background, reference (the transformed reference image) and target. The target is the inverted composite until
   ``paste_until`` (default 0.84; the paper's 0.2 lets a small model blur the object), then the background's latent
   outside the object and generated content inside until ``blend_until`` (PrimeComposer's tau_c and tau_b).
-  :class:`CorrelationSteering` steers its object tokens with the reference's keys until 10% past the release
-  (the paper's tau_a - tau_c), and ``object_phrase`` adds the region-constrained cross-attention.
+  With ``steering=True`` :class:`CorrelationSteering` steers its object tokens with the reference's keys until 10%
+  past the release (the paper's tau_a - tau_c); ``object_phrase`` adds the region-constrained cross-attention.
 - Consistent edit: a source and a target prompt from the same noise (or a real image's inversion); the target's
   decoder self-attention reads the source's keys and values from step 4 of 50 (MasaCtrl), so the appearance stays
   while the prompt changes pose or layout.
@@ -433,7 +433,7 @@ class ComposeMixin(SharingEditMixin):
         object_phrase: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
-        steering: bool = True,
+        steering: bool = False,
         steer_steps: tuple[float, float] | None = None,
         share_background: bool = False,
         paste_until: float = 0.84,
@@ -457,7 +457,8 @@ class ComposeMixin(SharingEditMixin):
                 ``"none"`` keeps its size and refuses an object larger than the box.
             object_phrase: a phrase of ``prompt`` naming the object; its tokens are then visible only from inside
                 the object (region-constrained cross-attention).
-            steering: PrimeComposer's attention steering from the reference during ``steer_steps``.
+            steering: PrimeComposer's attention steering from the reference during ``steer_steps``. Off by default:
+                on the small shapes model it lowers placement (68 vs 81 of 100 compositions, see the README).
             steer_steps: fractions of the schedule; default from the start to 10% past ``paste_until``, the gap the
                 paper leaves between releasing the paste and ending the steering (tau_c 0.2, tau_a 0.3).
             share_background: also let background tokens read the background row and object tokens the

@@ -34,9 +34,9 @@ edited region (the pipelines' ``overlay_original``), so differences come from th
   cut-and-paste image), ``drag-unshared`` (the same, no sharing); ``drag-free-late`` (the object runs free after
   half the steps), ``drag-free-late-masked`` (and plain masked sharing at every step instead of anchoring),
   ``drag-free-late-unshared`` (free after half, no sharing);
-- compose: ``compose`` (PrimeComposer steering, the paste released after 84% of the steps), ``compose-unsteered``
-  (the same, no steering); ``compose-early-release`` (released at the paper's 20%), ``-unsteered`` (and no
-  steering), ``-shared`` (and background/reference sharing);
+- compose: ``compose`` (the defaults: the paste released after 84% of the steps, no steering), ``compose-steered``
+  (and PrimeComposer steering); ``compose-early-release`` (released at the paper's 20%, steered), ``-unsteered``
+  (no steering), ``-shared`` (steered, and background/reference sharing);
 - the naive baselines of both: ``cut-paste-sdedit`` (the cut-and-paste image, hole filled, through SDEdit at
   strength 0.5 with the result's caption) and ``regenerate`` (text-to-image with the result's caption, spatial words
   included when unambiguous, guidance 5; nothing is overlaid, it is a new image).
@@ -101,10 +101,10 @@ DRAG_METHODS: dict[str, dict[str, Any]] = {
 }
 COMPOSE_METHODS: dict[str, dict[str, Any]] = {
     "compose": {},
-    "compose-unsteered": {"steering": False},
-    "compose-early-release": {"paste_until": 0.2},
-    "compose-early-release-unsteered": {"paste_until": 0.2, "steering": False},
-    "compose-early-release-shared": {"paste_until": 0.2, "share_background": True},
+    "compose-steered": {"steering": True},
+    "compose-early-release": {"paste_until": 0.2, "steering": True},
+    "compose-early-release-unsteered": {"paste_until": 0.2},
+    "compose-early-release-shared": {"paste_until": 0.2, "steering": True, "share_background": True},
     **NAIVE_METHODS,
 }
 #: task -> the methods it runs by default
