@@ -48,13 +48,13 @@ def test_drag_moves_the_object_and_clears_its_old_place(shapes_sd):
     )
     image = scene.image.copy()
     before = processors(shapes_sd)
-    out = uint8(to_sharing(shapes_sd, DragMixin)(image, scene.objects[0].mask, (14, 0), output_type="np").images[0])
+    out = uint8(to_sharing(shapes_sd, DragMixin)(image, scene.objects[0].mask, (0, 16), output_type="np").images[0])
     assert processors(shapes_sd) == before and (image == scene.image).all()
     found = {(obj.color, obj.shape): obj.centroid for obj in detect(out)}
-    target = (scene.objects[0].centroid[0] + 14, scene.objects[0].centroid[1])
+    target = (scene.objects[0].centroid[0], scene.objects[0].centroid[1] + 16)
     assert np.hypot(*np.subtract(found[("red", "square")], target)) <= 4.0
     assert np.hypot(*np.subtract(found[("blue", "circle")], scene.objects[1].centroid)) <= 4.0
-    vacated = out[13:28, 11:18].astype(float)  # the left strip the square left
+    vacated = out[13:26, 11:25].astype(float)  # where the square was, clear of its new top edge
     assert np.abs(vacated - 245).max(-1).mean() < 40
 
 
