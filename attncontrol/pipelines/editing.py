@@ -29,7 +29,6 @@ as are its attention processors, also after an exception. The input image is nev
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -169,10 +168,24 @@ def fill_from_surroundings(image: torch.Tensor, hole: torch.Tensor, *, iteration
     return filled
 
 
-def _box_center(mask: torch.Tensor) -> tuple[float, float]:
+def _object_mask(mask: MaskLike, size: tuple[int, int], name: str) -> torch.Tensor:
+    """A binary ``[H, W]`` object mask of the image's size; an empty one is an error naming the argument."""
+    plane = (load_mask(mask, name=name, image_size=size) > 0.5).float()
+    if float(plane.max()) == 0.0:
+        raise EditError(f"`{name}` has no pixel above 0.5")
+    return plane
+
+
+def _mask_box(mask: torch.Tensor) -> tuple[float, float, float, float]:
+    """The ``(x0, y0, x1, y1)`` pixel box (exclusive ends) of a mask's pixels above 0.5."""
     rows = torch.nonzero(mask.amax(dim=1) > 0.5).flatten()
     cols = torch.nonzero(mask.amax(dim=0) > 0.5).flatten()
-    return (float(cols[0] + cols[-1] + 1) / 2, float(rows[0] + rows[-1] + 1) / 2)
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def _box_center(mask: torch.Tensor) -> tuple[float, float]:
+    x0, y0, x1, y1 = _mask_box(mask)
+    return (x0 + x1) / 2, (y0 + y1) / 2
 
 
 def _latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -252,9 +265,9 @@ class DesignEditMixin:
         latent_size = tuple(source.latents.shape[-2:])
         device = self._execution_device
         # Every level goes to the device once, not once per step.
-        source = dataclasses.replace(source, latents=source.latents.to(device))
+        source = source.to(device)
         for paste in pastes:
-            paste.inversion = dataclasses.replace(paste.inversion, latents=paste.inversion.latents.to(device))
+            paste.inversion = paste.inversion.to(device)
         hole_latent = None if hole is None else _latent_mask(hole, latent_size).to(device)
         paste_latents = [_latent_mask(paste.mask, latent_size).to(device) for paste in pastes]
         edited = torch.zeros(1, 1, *latent_size, device=device)
@@ -411,9 +424,7 @@ class LayeredEditMixin(DesignEditMixin):
             if order in orders:
                 raise EditError(f"`{name}` and `layers[{orders[order]}]` have the same paste order {order}")
             orders[order] = index
-            mask = (load_mask(layer.mask, name=f"{name}.mask", image_size=size) > 0.5).float()
-            if float(mask.max()) == 0.0:
-                raise EditError(f"`{name}.mask` has no pixel above 0.5")
+            mask = _object_mask(layer.mask, size, f"{name}.mask")
             checked.append((order, layer, mask))
         return [(index, layer, mask) for index, (_, layer, mask) in enumerate(sorted(checked, key=lambda c: c[0]))]
 

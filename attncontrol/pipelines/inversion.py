@@ -19,6 +19,7 @@ for every family.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class Inversion:
     def noise(self) -> torch.Tensor:
         """``[1, C, h, w]``: the latent to start sampling from."""
         return self.latents[-1:].clone()
+
+    def to(self, device: torch.device | str) -> Inversion:
+        """The same inversion with every level on ``device`` (moved once, not once per step)."""
+        return dataclasses.replace(self, latents=self.latents.to(device))
 
     def after_step(self, index: int) -> torch.Tensor:
         """``[1, C, h, w]``: where the source is after sampling step ``index`` (0-based) of the same schedule."""

@@ -35,7 +35,6 @@ afterwards, also after an exception; the inputs are never modified.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -61,11 +60,13 @@ from attncontrol.core.control import AttentionControl
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.errors import EditError
 from attncontrol.core.layers import LayerSpec
-from attncontrol.core.masks import MaskLike, SpatialMask, dilate, feather, load_mask
+from attncontrol.core.masks import MaskLike, SpatialMask, dilate, feather
 from attncontrol.pipelines.editing import (
     DesignEditMixin,
     _box_center,
     _latent_mask,
+    _mask_box,
+    _object_mask,
     _transform,
     fill_from_surroundings,
 )
@@ -96,19 +97,6 @@ class _Row:
     branch: str
     start: torch.Tensor
     follows: Inversion | None = None
-
-
-def _object_mask(mask: MaskLike, size: tuple[int, int], name: str) -> torch.Tensor:
-    plane = (load_mask(mask, name=name, image_size=size) > 0.5).float()
-    if float(plane.max()) == 0.0:
-        raise EditError(f"`{name}` has no pixel above 0.5")
-    return plane
-
-
-def _mask_box(mask: torch.Tensor) -> Box:
-    rows = torch.nonzero(mask.amax(dim=1) > 0.5).flatten()
-    cols = torch.nonzero(mask.amax(dim=0) > 0.5).flatten()
-    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
 def _check_box(box: Sequence[float], size: tuple[int, int], name: str) -> Box:
@@ -224,10 +212,7 @@ class SharingEditMixin(DesignEditMixin):
         overlay: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Any:
         device = self._execution_device
-        follows = [
-            None if row.follows is None else dataclasses.replace(row.follows, latents=row.follows.latents.to(device))
-            for row in rows
-        ]
+        follows = [None if row.follows is None else row.follows.to(device) for row in rows]
         target = [row.branch for row in rows].index("target")
         prompts = [prompt] * len(rows) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(rows):
@@ -388,14 +373,13 @@ class DragMixin(SharingEditMixin):
         moved_latent = _latent_mask(moved, latent_size).to(device)
         blend_steps = round(0.82 * num_inference_steps)
         hold_steps = round(hold_object_until * num_inference_steps)
-        source_levels, target_levels = source.latents.to(device), target.latents.to(device)
+        source, target = source.to(device), target.to(device)
 
         def keep_source_outside(index: int, latents: torch.Tensor) -> torch.Tensor:
-            level = num_inference_steps - 1 - index
             if index < blend_steps or keep_outside:
-                latents = latents * edited + source_levels[level][None].to(latents) * (1 - edited)
+                latents = latents * edited + source.after_step(index).to(latents) * (1 - edited)
             if index < hold_steps:
-                latents = latents * (1 - moved_latent) + target_levels[level][None].to(latents) * moved_latent
+                latents = latents * (1 - moved_latent) + target.after_step(index).to(latents) * moved_latent
             return latents
 
         rows = [_Row("source", source.noise, follows=source), _Row("target", target.noise)]
@@ -505,14 +489,13 @@ class ComposeMixin(SharingEditMixin):
         inside = _latent_mask(placed, tuple(back.latents.shape[-2:])).to(device)
         paste_steps = round(paste_until * num_inference_steps)
         blend_steps = round(blend_until * num_inference_steps)
-        back_levels, start_levels = back.latents.to(device), start.latents.to(device)
+        back, start = back.to(device), start.to(device)
 
         def blend(index: int, latents: torch.Tensor) -> torch.Tensor:
-            level = num_inference_steps - 1 - index
             if index < paste_steps:
-                return start_levels[level][None].to(latents)
+                return start.after_step(index).to(latents)
             if index < blend_steps or keep_outside:
-                latents = latents * inside + back_levels[level][None].to(latents) * (1 - inside)
+                latents = latents * inside + back.after_step(index).to(latents) * (1 - inside)
             return latents
 
         rows = [
