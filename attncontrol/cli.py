@@ -3,71 +3,121 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import re
 import sys
+import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from attncontrol import __version__
-from attncontrol.core.controller import AttentionController
-from attncontrol.core.store import AttentionStore
-from attncontrol.models import available_models, default_model, family_call_kwargs, load_pipeline
+from attncontrol.batch import save_result
+from attncontrol.jobs import JOB_KINDS, Job, JobError, PipelineCache, read_jobs, run_job
+from attncontrol.models import available_models, default_model, load_pipeline
 
 logger = logging.getLogger("attncontrol.cli")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "token"
+def _region(text: str) -> dict[str, Any]:
+    """``--region "a red circle@0,0,0.5,1"`` (a box) or ``"a red circle@mask.png"``: a region's own prompt, where."""
+    prompt, sep, where = text.rpartition("@")
+    if not sep or not prompt.strip() or not where:
+        raise JobError(f"--region must be PROMPT@x0,y0,x1,y1 or PROMPT@MASK_FILE, got {text!r}")
+    try:
+        box = [float(v) for v in where.split(",")]
+    except ValueError:
+        return {"prompt": prompt, "mask": where}
+    return {"prompt": prompt, "box": box}
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise JobError(f"--option must be KEY=VALUE (VALUE as JSON, or a plain string), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """One job from ``generate``'s arguments; the kind follows from what is given unless ``--kind`` says it."""
+    kind = args.kind
+    if kind is None:
+        if args.reference_image:
+            kind = "compose"
+        elif args.image and (args.offset or args.target_box):
+            kind = "move"
+        elif args.image:
+            kind = "remove"
+        else:
+            kind = "regional" if args.region else "generate"
+    raw: dict[str, Any] = {
+        "kind": kind,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "regions": [_region(text) for text in args.region] or None,
+        "region_mode": args.region_mode,
+        "image": args.image,
+        "mask": args.mask,
+        "offset": args.offset,
+        "target_box": args.target_box,
+        "reference_image": args.reference_image,
+        "reference_mask": args.reference_mask,
+        "box": args.box,
+        "heatmaps": args.heatmap or None,
+        "options": dict(_option(text) for text in args.option) or None,
+    }
+    return Job.from_dict({k: v for k, v in raw.items() if v is not None}, base_dir=Path.cwd(), where="arguments")
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
-    """Run one generation with an attention store installed; write the image, heat maps and a JSON sidecar."""
-    pipe = load_pipeline(args.model, device=args.device)
-    store = AttentionStore(guidance="cond")
-    call_kwargs = {
-        "prompt": args.prompt,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "generator": torch.Generator("cpu").manual_seed(args.seed),
-    }
-    if args.negative_prompt:
-        call_kwargs["negative_prompt"] = args.negative_prompt
-    if args.height:
-        call_kwargs["height"] = args.height
-    if args.width:
-        call_kwargs["width"] = args.width
-
+    """Run one job from the arguments; write the image, heat maps and a sidecar that reruns it (``batch SIDECAR``)."""
+    job = job_from_args(args)
     output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise JobError(f"-o/--output must name a .png file, got {output}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    with AttentionController(pipe, [store]) as controller:
-        # Resolve words first: a typo should fail before the generation, not after it.
-        heat_tokens = {word: controller.token_indices(args.prompt, word, name="--heatmap") for word in args.heatmap}
-        image = pipe(**family_call_kwargs(pipe, call_kwargs, batch=1)).images[0]
-    image.save(output)
-    written = [output]
-    for word, indices in heat_tokens.items():
-        path = output.with_name(f"{output.stem}_heatmap_{_slug(word)}.png")
-        store.heatmap(indices, image=image).save(path)
-        written.append(path)
-
-    settings = {
-        "model": args.model or default_model(),
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-        "size": [image.height, image.width],
-        "heatmaps": {word: indices for word, indices in heat_tokens.items()},
-        "attncontrol": __version__,
-    }
-    sidecar = output.with_suffix(".json")
-    sidecar.write_text(json.dumps(settings, indent=2))
-    written.append(sidecar)
+    start = time.perf_counter()
+    result = run_job(job, PipelineCache(device=args.device))
+    written = save_result(output.parent, output.stem, job, result, time.perf_counter() - start, args.device)
     return written
+
+
+def batch(args: argparse.Namespace) -> list[Path]:
+    """Run a job file into a run folder (see :mod:`attncontrol.batch`)."""
+    from attncontrol.batch import new_run_dir, run_batch, saved_jobs, validate
+
+    if args.jobs is None and args.resume is None:
+        raise JobError("give a job file (JSONL, JSON, YAML or a sidecar), or --resume RUN_FOLDER")
+    jobs = read_jobs(args.jobs, seeds=args.seeds) if args.jobs is not None else saved_jobs(args.resume)
+    if args.model:
+        jobs = [dataclasses.replace(job, model=args.model) for job in jobs]
+    errors = validate(jobs)
+    for message in errors.values():
+        logger.error("%s", message)
+    if args.dry_run:
+        print(f"{len(jobs) - len(errors)} of {len(jobs)} jobs are valid")
+        if errors:
+            raise JobError(f"{len(errors)} job(s) are invalid (see above)")
+        return []
+    run_dir = Path(args.resume or args.out or new_run_dir())
+    report = run_batch(jobs, run_dir, device=args.device, resume=args.resume is not None)
+    print(
+        f"{run_dir}: {len(report.done)} done, {len(report.skipped)} already done, {len(report.failed)} failed "
+        f"(manifest: {run_dir / 'manifest.json'})"
+    )
+    if report.failed:
+        failures = "; ".join(f"job {index:04d}: {message}" for index, message in sorted(report.failed.items()))
+        raise JobError(f"{len(report.failed)} job(s) failed: {failures}")
+    return [run_dir / "manifest.json"]
 
 
 def bench(args: argparse.Namespace) -> list[Path]:
@@ -116,17 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate an image and its attention heat maps")
-    gen.add_argument("prompt", help="text prompt")
+    gen = commands.add_parser(
+        "generate",
+        help="one generation or edit from arguments: image, heat maps and a sidecar that reruns it",
+        description="Generate (with --region: regional prompts) or edit a real image (--image with --mask: remove; "
+        "plus --offset/--target-box: move; --reference-image/--reference-mask/--box: compose).",
+    )
+    gen.add_argument("prompt", nargs="?", default="", help="text prompt (edits may leave it empty)")
     gen.add_argument(
         "--model",
         default=None,
         help=f"a name ({', '.join(available_models())}), a local diffusers folder or a hub id "
         f"(default: {default_model()})",
     )
+    gen.add_argument("--kind", choices=JOB_KINDS, default=None, help="default: from the arguments given")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: 20; edits 50)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 7.5; edits 1.0")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
@@ -137,9 +193,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORD",
         help="save a cross-attention heat map of WORD (repeatable)",
     )
+    gen.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="PROMPT@WHERE",
+        help="a region with its own prompt; WHERE is x0,y0,x1,y1 (relative when all <= 1) or a mask file (repeatable)",
+    )
+    gen.add_argument("--region-mode", choices=("hard", "soft"), default=None)
+    gen.add_argument("--image", default=None, help="the real image to edit")
+    gen.add_argument("--mask", default=None, help="the object to remove or move, the image's size")
+    gen.add_argument("--offset", type=float, nargs=2, default=None, metavar=("DX", "DY"), help="move by pixels")
+    gen.add_argument("--target-box", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"))
+    gen.add_argument("--reference-image", default=None, help="compose: the image holding the object")
+    gen.add_argument("--reference-mask", default=None, help="compose: the object in the reference image")
+    gen.add_argument("--box", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"))
+    gen.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further pipeline argument, VALUE as JSON (e.g. dilation=3) (repeatable)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument("-o", "--output", default="outputs/attncontrol.png", help="image path; maps and JSON go beside it")
     gen.set_defaults(func=generate)
+
+    batch_parser = commands.add_parser(
+        "batch",
+        help="run a file of jobs into a run folder (NNNN.png + NNNN.json sidecars, manifest.json)",
+        description="Jobs come from JSONL (one per line), JSON or YAML (a list, or {defaults: ..., jobs: [...]}), or "
+        "a sidecar. A failing job is reported and the rest run; --resume finishes a run folder. Under "
+        "`accelerate launch --num_processes N` the jobs are split across the processes.",
+    )
+    batch_parser.add_argument("jobs", nargs="?", default=None, help="job file (.jsonl, .json, .yaml) or a sidecar")
+    batch_parser.add_argument("--out", default=None, help="run folder (default: outputs/runs/<date>-<time>)")
+    batch_parser.add_argument("--resume", default=None, metavar="RUN_FOLDER", help="run only the unfinished jobs")
+    batch_parser.add_argument("--dry-run", action="store_true", help="check every job and its files; run nothing")
+    batch_parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every job once per seed")
+    batch_parser.add_argument("--model", default=None, help="run every job on this model")
+    batch_parser.add_argument("--device", default="cpu", help="under accelerate launch: each process's own device")
+    batch_parser.set_defaults(func=batch)
 
     bench_parser = commands.add_parser("bench", help="score a model on the shapes-world prompt suite")
     bench_parser.add_argument("--model", default=None, help=f"as for generate (default: {default_model()})")

@@ -30,14 +30,15 @@ def test_generate_writes_image_heatmaps_and_settings(tmp_path):
     assert image.size == (48, 32)
     heat = Image.open(output.with_name("image_heatmap_red.png"))
     assert heat.size == image.size
-    settings = json.loads(output.with_suffix(".json").read_text())
-    assert settings["heatmaps"] == {"red": [2]} and settings["seed"] == 0
+    sidecar = json.loads(output.with_suffix(".json").read_text())
+    assert sidecar["job"]["heatmaps"] == ["red"] and sidecar["job"]["seed"] == 0
+    assert sidecar["outputs"] == ["image.png", "image_heatmap_red.png"]
 
 
 def test_unknown_heatmap_word_fails_before_generating(tmp_path, caplog):
     output = tmp_path / "x.png"
     assert main(["generate", "a red circle", "--heatmap", "green", "-o", str(output)]) == 1
-    assert "--heatmap" in caplog.text and "green" in caplog.text
+    assert "heatmaps" in caplog.text and "green" in caplog.text
     assert not output.exists()
 
 
