@@ -160,6 +160,23 @@ def edit_bench(args: argparse.Namespace) -> list[Path]:
     return [Path(args.out) / "report.md", Path(args.out) / "report.json"]
 
 
+def app(args: argparse.Namespace) -> list[Path]:
+    """Serve the Gradio editing app until interrupted."""
+    from attncontrol.app import launch
+
+    launch(
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        model=args.model,
+        device=args.device,
+        output_dir=args.outputs,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+    )
+    return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attncontrol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
@@ -271,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit_parser.add_argument("--device", default="cpu")
     edit_parser.add_argument("--out", default="outputs/edit-bench", help="folder for images, report.json, report.md")
     edit_parser.set_defaults(func=edit_bench)
+    app_parser = commands.add_parser("app", help="the Gradio editing app (needs `pip install attncontrol[app]`)")
+    app_parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network (default: local only)")
+    app_parser.add_argument("--port", type=int, default=7860)
+    app_parser.add_argument("--share", action="store_true", help="a public gradio.live link")
+    app_parser.add_argument("--model", default=None, help=f"the model picked at start (default: {default_model()})")
+    app_parser.add_argument("--device", default="cpu")
+    app_parser.add_argument("--outputs", default=None, help="where results and sidecars go (default: outputs/app/DAY)")
+    app_parser.add_argument("--concurrency", type=int, default=1, help="requests run at once; the rest queue")
+    app_parser.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones are refused")
+    app_parser.set_defaults(func=app)
     return parser
 
 

@@ -56,6 +56,17 @@ def load_pipeline(model: str | None = None, *, torch_dtype: torch.dtype | None =
     return pipeline.to(device)
 
 
+def default_image_size(pipe: Any) -> tuple[int, int]:
+    """``(height, width)`` a pipeline generates when not told: the denoiser's sample size in pixels."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        sample = unet.config.sample_size
+        height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    return side, side
+
+
 def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
     """Call arguments adapted to the pipeline's family, so one set of settings drives every shipped model.
 

@@ -40,6 +40,7 @@ from attncontrol.core.controller import AttentionController
 from attncontrol.core.state import StepState
 from attncontrol.core.store import AttentionStore
 from attncontrol.core.tokens import token_indices
+from attncontrol.models import default_image_size
 from attncontrol.pipelines.stock import frozen, twin_of
 from attncontrol.pipelines.stock import stock_call as stock_call_of
 
@@ -87,7 +88,7 @@ class RegionalMixin:
         return "prompt_embeds", "negative_prompt_embeds"
 
     def _default_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return default_image_size(self)
 
     # ------------------------------------------------------------------ validation
     def _check_regions(self, regions: Sequence[Region], max_regions: int) -> list[Region]:
@@ -385,11 +386,6 @@ class RegionalMixin:
 
 
 # ---------------------------------------------------------------------------------------------------- families
-def _unet_size(self) -> tuple[int, int]:
-    side = self.unet.config.sample_size * self.vae_scale_factor
-    return side, side
-
-
 def _encode_sd(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
     positive, negative_embeds = self.encode_prompt(
         text,
@@ -421,11 +417,6 @@ def _encode_sdxl(self, text: str, negative: str | None, device: torch.device, ca
     return out
 
 
-def _flux_size(self) -> tuple[int, int]:
-    side = self.default_sample_size * self.vae_scale_factor
-    return side, side
-
-
 def _encode_flux(self, text: str, negative: str | None, device: torch.device, call: dict) -> dict[str, Any]:
     length = int(call.get("max_sequence_length", 512))
     positive, pooled, _ = self.encode_prompt(text, device=device, max_sequence_length=length)
@@ -441,14 +432,12 @@ class RegionalStableDiffusionPipeline(RegionalMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` (SD 1.x/2.x) with ``regions=[...]``."""
 
     _encode_text = _encode_sd
-    _default_size = _unet_size
 
 
 class RegionalStableDiffusionXLPipeline(RegionalMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with ``regions=[...]`` (both CLIP encoders tokenize alike, so phrases agree)."""
 
     _encode_text = _encode_sdxl
-    _default_size = _unet_size
 
 
 class RegionalFluxPipeline(RegionalMixin, FluxPipeline):
@@ -457,7 +446,6 @@ class RegionalFluxPipeline(RegionalMixin, FluxPipeline):
     _phrase_tokenizer = "tokenizer_2"
     _causal_text = False
     _encode_text = _encode_flux
-    _default_size = _flux_size
 
 
 def to_regional(pipe: Any) -> Any:
