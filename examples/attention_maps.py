@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from attncontrol import AttentionController, AttentionStore
 from attncontrol.models import load_pipeline
+from attncontrol.pictures import strip
 
 
 def main() -> None:
@@ -52,10 +52,7 @@ def main() -> None:
         heat = store.heatmap(indices, image=image)
         heat.save(args.out / f"{word.replace(' ', '_')}.png")
         panels.append(heat)
-    strip = Image.new("RGB", (sum(p.width for p in panels), image.height))
-    for i, panel in enumerate(panels):
-        strip.paste(panel, (i * image.width, 0))
-    strip.save(args.out / "strip.png")
+    strip(panels, min_height=image.height).save(args.out / "strip.png")
     print(f"wrote {len(panels) + 1} images to {args.out}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from attncontrol.models import load_pipeline
+from attncontrol.pictures import strip
 from attncontrol.pipelines import Layer, to_editing
 from attncontrol.pipelines.editing import LayeredEditMixin, RemoveMixin
 from attncontrol.shapes.scenes import ObjectSpec, render
@@ -60,12 +61,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, picture in results.items():
         picture.save(out / f"{name}.png")
-    width, height = image.size
-    strip = Image.new("RGB", (width * len(results), height), "white")
-    for index, picture in enumerate(results.values()):
-        strip.paste(picture, (index * width, 0))
-    scale = max(1, 256 // height)
-    strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST).save(out / "strip.png")
+    strip(list(results.values())).save(out / "strip.png")
     logging.info("wrote %s", ", ".join(f"{name}.png" for name in results) + ", strip.png to " + str(out))
 
 

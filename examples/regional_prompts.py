@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from attncontrol import token_indices
 from attncontrol.controls import Region
 from attncontrol.models import family_call_kwargs, load_pipeline
+from attncontrol.pictures import strip
 from attncontrol.pipelines import to_regional
 
 COLORS = [(220, 40, 40), (40, 70, 220), (40, 170, 60), (235, 205, 35)]
@@ -79,11 +80,7 @@ def main() -> None:
         tokenizer = pipe.tokenizer_2 if hasattr(pipe, "transformer") else pipe.tokenizer
         for phrase in args.phrases:
             panels.append(store.heatmap(token_indices(tokenizer, args.prompt, phrase), image=image))
-    strip = Image.new("RGB", (sum(p.width for p in panels), image.height))
-    for index, panel in enumerate(panels):
-        strip.paste(panel, (index * image.width, 0))
-    scale = max(1, 256 // image.height)
-    strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST).save(args.out / "strip.png")
+    strip(panels).save(args.out / "strip.png")
     print(f"wrote {args.out}/uncontrolled.png, regional.png, layout.png, strip.png")
 
 

@@ -210,6 +210,9 @@ def test_browser_regions_remove_and_error(served, tmp_path):
         _paint_rect(page, "#regional-canvas", (512, 512), 40, 60, 220, 450, 30)
         page.locator("#regional-canvas button[aria-label='Show Layers']").click()
         page.locator("#regional-canvas button[aria-label='layer-2']").click()
+        page.locator("#regional-canvas button[aria-label='Color']").first.click()  # region 2 in blue
+        page.locator("#regional-canvas button.color[style*='60, 110, 230']").click()
+        page.locator("#regional-canvas button[aria-label='Brush']").first.click()
         _paint_rect(page, "#regional-canvas", (512, 512), 290, 60, 470, 450, 30)
         page.locator("#region-prompt-1 textarea").fill("a red circle")
         page.locator("#region-prompt-2 textarea").fill("a blue square")

@@ -66,3 +66,24 @@ def test_drag_and_compose_example_runs(tmp_path, monkeypatch):
     module.main()
     names = {"input", "dragged", "reference", "composed", "strip"}
     assert {p.name for p in tmp_path.iterdir()} == {f"{name}.png" for name in names}
+
+
+def test_consistent_edit_example_runs(tmp_path, monkeypatch):
+    module = load_example("consistent_edit")
+    monkeypatch.setattr("sys.argv", ["consistent_edit.py", "--steps", "2", "--out", str(tmp_path)])
+    module.main()
+    names = {"source", "target", "unshared", "strip"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"{name}.png" for name in names}
+
+
+def test_example_job_file_is_valid(capsys):
+    """Every job of examples/jobs.yaml parses and its input files open (what `attncontrol batch --dry-run` checks)."""
+    from attncontrol.batch import validate
+    from attncontrol.cli import main
+    from attncontrol.jobs import read_jobs
+
+    jobs = read_jobs(EXAMPLES / "jobs.yaml")
+    assert [job.kind for job in jobs] == ["generate", "regional", "remove", "move", "compose"]
+    assert validate(jobs) == {}
+    assert main(["batch", str(EXAMPLES / "jobs.yaml"), "--dry-run"]) == 0
+    assert "5 of 5 jobs are valid" in capsys.readouterr().out

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from attncontrol.app import handlers
 from attncontrol.app.handlers import CANVAS_SIZE, MAX_REGIONS, AppState, UserInputError
 from attncontrol.jobs import PipelineCache
 from attncontrol.models import available_models, default_model
+from attncontrol.pictures import strip
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ def _friendly(function: Callable) -> Callable:
     return wrapper
 
 
+def shown(image: Image.Image) -> Image.Image:
+    """A result as displayed: small model outputs scaled up with crisp pixels (the saved file keeps its size)."""
+    return strip([image], min_height=256)
+
+
 def build_app(
     *,
     model: str | None = None,
@@ -66,15 +73,16 @@ def build_app(
 
     def run_regional(model_name, editor, base, *rest, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         prompts, (mode, weight, seed, steps, guidance, negative) = list(rest[:MAX_REGIONS]), rest[MAX_REGIONS:]
-        return handlers.regional(
-            state, model_name, editor, base, prompts, mode, weight, seed, steps, guidance, negative
+        return shown(
+            handlers.regional(state, model_name, editor, base, prompts, mode, weight, seed, steps, guidance, negative)
         )
 
     def run_maps(model_name, prompt, word, seed, steps, guidance, negative, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-        return handlers.attention_maps(state, model_name, prompt, word, seed, steps, guidance, negative)
+        image, gallery = handlers.attention_maps(state, model_name, prompt, word, seed, steps, guidance, negative)
+        return shown(image), [(shown(picture), caption) for picture, caption in gallery]
 
     def run_edit(model_name, editor, operation, dx, dy, prompt, seed, steps, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-        return handlers.edit(state, model_name, editor, operation, dx, dy, prompt, seed, steps)
+        return shown(handlers.edit(state, model_name, editor, operation, dx, dy, prompt, seed, steps))
 
     def run_compose(
         model_name,
@@ -89,7 +97,7 @@ def build_app(
         steps,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
-        return handlers.compose(state, model_name, background, reference, (x0, y0, x1, y1), prompt, seed, steps)
+        return shown(handlers.compose(state, model_name, background, reference, (x0, y0, x1, y1), prompt, seed, steps))
 
     def pick_target(editor: dict | None, event: gr.SelectData) -> tuple[float, float]:
         """Clicking the preview puts the object's centre there: the offset from its painted centre."""
