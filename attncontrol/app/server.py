@@ -48,6 +48,21 @@ def _friendly(function: Callable) -> Callable:
     return wrapper
 
 
+def _object_editor(label: str, elem_id: str) -> Any:
+    """An uploaded image with one layer to brush an object's mask on (half-transparent magenta)."""
+    import gradio as gr
+
+    return gr.ImageEditor(
+        sources=("upload", "clipboard"),
+        transforms=(),
+        layers=gr.LayerOptions(allow_additional_layers=False, layers=["object"]),
+        brush=gr.Brush(default_size=12, colors=[("rgb(255, 0, 255)", 0.6)], color_mode="fixed"),
+        type="numpy",
+        label=label,
+        elem_id=elem_id,
+    )
+
+
 def shown(image: Image.Image) -> Image.Image:
     """A result as displayed: small model outputs scaled up with crisp pixels (the saved file keeps its size)."""
     return strip([image], min_height=256)
@@ -204,15 +219,7 @@ def build_app(
             )
             with gr.Row():
                 with gr.Column():
-                    editor = gr.ImageEditor(
-                        sources=("upload", "clipboard"),
-                        transforms=(),
-                        layers=gr.LayerOptions(allow_additional_layers=False, layers=["object"]),
-                        brush=gr.Brush(default_size=12, colors=[("rgb(255, 0, 255)", 0.6)], color_mode="fixed"),
-                        type="numpy",
-                        label="Image (paint the object)",
-                        elem_id="edit-canvas",
-                    )
+                    editor = _object_editor("Image (paint the object)", "edit-canvas")
                     sample_edit_button = gr.Button("Sample scene", size="sm", elem_id="edit-sample")
                     operation = gr.Radio(["remove", "move"], value="remove", label="Operation", elem_id="operation")
                     with gr.Row():
@@ -243,15 +250,7 @@ def build_app(
             with gr.Row():
                 with gr.Column():
                     background = gr.Image(label="Background", type="numpy", elem_id="compose-background")
-                    reference = gr.ImageEditor(
-                        sources=("upload", "clipboard"),
-                        transforms=(),
-                        layers=gr.LayerOptions(allow_additional_layers=False, layers=["object"]),
-                        brush=gr.Brush(default_size=12, colors=[("rgb(255, 0, 255)", 0.6)], color_mode="fixed"),
-                        type="numpy",
-                        label="Reference (paint the object)",
-                        elem_id="compose-reference",
-                    )
+                    reference = _object_editor("Reference (paint the object)", "compose-reference")
                     sample_compose_button = gr.Button("Sample scenes", size="sm", elem_id="compose-sample")
                     with gr.Row():
                         x0 = gr.Slider(0, 1, value=0.1, step=0.01, label="box x0")
