@@ -104,6 +104,16 @@ def test_edit_handler_removes_the_painted_object(state):
         handlers.edit(state, "shapes-sd", None, "remove", 0, 0, "", 0, 5)
 
 
+def test_click_on_the_preview_gives_the_offset_to_the_object_centre():
+    _, mask = handlers.sample_scene(0)  # the red square, centred at (80, 88) on the 256-pixel picture
+    ys, xs = np.nonzero(mask)
+    editor = {"background": None, "layers": [layer(mask)]}
+    dx, dy = handlers.offset_to(editor, (200, 40))
+    assert (dx, dy) == (round(200 - xs.mean()), round(40 - ys.mean()))
+    with pytest.raises(UserInputError, match="Brush over the object first"):
+        handlers.offset_to({"background": None, "layers": []}, (10, 10))
+
+
 def test_compose_handler_checks_the_box(state):
     background, _ = handlers.sample_scene(1)
     reference, mask = handlers.sample_scene(0)

@@ -283,6 +283,15 @@ def compose(
     return state.run(Job.from_dict(raw, where="compose"), stem).image
 
 
+def offset_to(editor: dict | None, point: tuple[float, float]) -> tuple[int, int]:
+    """The (dx, dy) that moves the painted object's centre to ``point`` (a click on the preview, image pixels)."""
+    masks = layer_masks(editor)
+    if not masks or not masks[0].any():
+        raise UserInputError("Brush over the object first, then click where it should go")
+    ys, xs = np.nonzero(masks[0])
+    return round(point[0] - float(xs.mean())), round(point[1] - float(ys.mean()))
+
+
 # ------------------------------------------------------------------------------------------------ samples
 def sample_scene(index: int = 0, display: int = 256) -> tuple[Image.Image, np.ndarray]:
     """A rendered two-object shapes scene (scaled up for drawing on) and its first object's mask."""

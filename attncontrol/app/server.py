@@ -114,14 +114,9 @@ def build_app(
     ):
         return shown(handlers.compose(state, model_name, background, reference, (x0, y0, x1, y1), prompt, seed, steps))
 
-    def pick_target(editor: dict | None, event: gr.SelectData) -> tuple[float, float]:
-        """Clicking the preview puts the object's centre there: the offset from its painted centre."""
-        masks = handlers.layer_masks(editor)
-        if not masks or not masks[0].any():
-            raise UserInputError("Brush over the object first, then click where it should go")
-        ys, xs = np.nonzero(masks[0])
-        x, y = event.index
-        return round(x - float(xs.mean())), round(y - float(ys.mean()))
+    def pick_target(editor: dict | None, event: gr.SelectData) -> tuple[int, int]:
+        """Clicking the preview puts the object's centre there."""
+        return handlers.offset_to(editor, tuple(event.index))
 
     pick_target.__annotations__["event"] = gr.SelectData  # a real class: gradio injects event data by annotation
 
