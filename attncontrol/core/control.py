@@ -8,6 +8,9 @@ A processor runs the active controls of a call in a fixed order:
 4. ``observe``     read the final probabilities (attention maps);
 5. ``edit_output`` rewrite the attention output before the output projection.
 
+A control may also ``compute`` the attention itself (linear attention, a local-window kernel) instead of softmax
+attention: at most one per call, and not where another control needs the probabilities.
+
 Controls compose: several run in one processor in one denoiser pass.
 """
 
@@ -38,6 +41,8 @@ class AttentionCall:
             A control that concatenates extra keys must extend ``key_segments``.
         heads: number of attention heads.
         scale: the logit scale the layer uses.
+        hidden_states: the layer's input as its query projection saw it, ``[B, S, C]`` (UNet layers; ``None`` for
+            the joint-attention families), for controls that re-project it (LinFusion's query/key MLPs).
     """
 
     layer: LayerInfo
@@ -48,6 +53,7 @@ class AttentionCall:
     key_segments: dict[str, slice]
     heads: int
     scale: float
+    hidden_states: torch.Tensor | None = None
 
     @property
     def image_tokens(self) -> int:
@@ -107,6 +113,18 @@ class AttentionControl:
         return query, key, value
 
     def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def compute(
+        self,
+        call: AttentionCall,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Compute the attention output ``[B, H, Sq, Dv]`` instead of softmax attention, or ``None`` to leave it to
+        the processor. ``bias`` is what the other controls asked for; a control that cannot honour it must raise."""
         return None
 
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from attncontrol.core import compute
 from attncontrol.core.control import AttentionCall, AttentionControl
+from attncontrol.core.errors import ControllerStateError
 from attncontrol.core.layers import LayerInfo
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class ControlledProcessor:
         query_segments: dict[str, slice] | None = None,
         key_segments: dict[str, slice] | None = None,
         grid: tuple[int, int] | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the control chain on ``[B, H, S, D]`` tensors and return ``[B, H, Sq, D]``."""
         bias = _mask_to_bias(attn_mask, query.dtype)
@@ -82,6 +84,7 @@ class ControlledProcessor:
                 key_segments=key_segments or {},
                 heads=query.shape[1],
                 scale=scale if scale is not None else query.shape[-1] ** -0.5,
+                hidden_states=hidden_states,
             )
             active = [control for control in self.controls if control.applies_at(call)]
         if active:
@@ -100,16 +103,32 @@ class ControlledProcessor:
                         control.observe(call, probs)
                     return probs
 
-        out = compute.attention(
-            query,
-            key,
-            value,
-            scale=scale,
-            bias=bias,
-            probs_hook=probs_hook,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        out = None
+        for control in active:
+            computed = control.compute(call, query, key, value, bias)
+            if computed is None:
+                continue
+            if out is not None:
+                raise ControllerStateError(
+                    f"two controls compute attention at layer {self.layer.name}; at most one may replace it"
+                )
+            if probs_hook is not None:
+                raise ControllerStateError(
+                    f"{type(control).__name__} computes attention at layer {self.layer.name} without probabilities, "
+                    "but another control there needs them (an attention store?): select other layers for one of them"
+                )
+            out = computed
+        if out is None:
+            out = compute.attention(
+                query,
+                key,
+                value,
+                scale=scale,
+                bias=bias,
+                probs_hook=probs_hook,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
         for control in active:
             out = control.edit_output(call, out)
         return out
@@ -170,6 +189,7 @@ class UNetAttnProcessor(ControlledProcessor):
             attn_mask=attention_mask,
             query_segments={"image": slice(0, num_queries)},
             key_segments={"text" if is_cross else "image": slice(0, num_keys)},
+            hidden_states=hidden_states,
         )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
