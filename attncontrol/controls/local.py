@@ -10,11 +10,13 @@ image branch's ``to_q``/``to_k``/``to_v``/``to_out`` of every attention layer an
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.errors import ControllerStateError, UnsupportedModelError
@@ -35,19 +37,70 @@ def window_mask(grid: tuple[int, int], radius: float, device: torch.device | str
     return distance < radius**2
 
 
+def local_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    radius: float,
+    image_queries: slice,
+    image_keys: slice,
+    scale: float | None = None,
+    rows_per_chunk: int | None = None,
+) -> torch.Tensor:
+    """CLEAR's attention on ``[B, H, S, D]`` without an S x S mask: image queries go in bands of grid rows, each
+    against the text keys and the image rows within ``radius``; other queries attend to every key.
+
+    Memory is O(S x band) instead of O(S^2); the result equals softmax attention under the window bias.
+    """
+    height, width = grid
+    reach = max(0, math.ceil(radius) - 1)  # |dy| < radius
+    chunk = rows_per_chunk or max(1, 2 * reach + 1)
+    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+    others = torch.ones(query.shape[-2], dtype=torch.bool, device=query.device)
+    others[image_queries] = False
+    if others.any():
+        out[..., others, :] = F.scaled_dot_product_attention(query[..., others, :], key, value, scale=scale)
+    not_image_keys = torch.ones(key.shape[-2], dtype=torch.bool, device=key.device)
+    not_image_keys[image_keys] = False
+    text_key, text_value = key[..., not_image_keys, :], value[..., not_image_keys, :]
+    window = window_mask(grid, radius, query.device)  # [HW, HW] bool; rows of one band are a slice of it
+    for top in range(0, height, chunk):
+        bottom = min(height, top + chunk)
+        first, last = max(0, top - reach), min(height, bottom + reach)
+        q_rows = slice(image_queries.start + top * width, image_queries.start + bottom * width)
+        k_rows = slice(image_keys.start + first * width, image_keys.start + last * width)
+        band = window[top * width : bottom * width, first * width : last * width]
+        bias = torch.zeros(band.shape[0], text_key.shape[-2] + band.shape[1], dtype=query.dtype, device=query.device)
+        bias[:, text_key.shape[-2] :].masked_fill_(~band, float("-inf"))
+        keys = torch.cat([text_key, key[..., k_rows, :]], dim=-2)
+        values = torch.cat([text_value, value[..., k_rows, :]], dim=-2)
+        out[..., q_rows, :] = F.scaled_dot_product_attention(query[..., q_rows, :], keys, values, bias, scale=scale)
+    return out
+
+
 class LocalWindowAttention(AttentionControl):
     """Image queries see the image keys within ``radius`` tokens and all text keys (CLEAR's pattern).
 
     Args:
         radius: window radius in image tokens (CLEAR's r: 8, 16, 32 at FLUX's 1024 px = 64x64 tokens).
+        backend: ``"bias"`` (a logit bias: composes with regions and masks in one softmax, O(S^2) memory) or
+            ``"banded"`` (:func:`local_window_attention`: O(S x band) memory; another control's bias on the same
+            layer is refused).
         layers / steps: where and when (default: every attention layer that has image queries and image keys).
     """
 
-    def __init__(self, radius: float, *, layers: LayerSpec = None, steps: StepSpec = None) -> None:
+    def __init__(
+        self, radius: float, *, backend: str = "bias", layers: LayerSpec = None, steps: StepSpec = None
+    ) -> None:
         if not radius > 0:
             raise ValueError(f"`radius` must be > 0, got {radius!r}")
+        if backend not in ("bias", "banded"):
+            raise ValueError(f"`backend` must be 'bias' or 'banded', got {backend!r}")
         super().__init__(layers=layers, steps=steps)
         self.radius = float(radius)
+        self.backend = backend
         self._cache: dict[tuple, torch.Tensor | None] = {}
 
     def applies_to_layer(self, layer: Any) -> bool:
@@ -55,7 +108,7 @@ class LocalWindowAttention(AttentionControl):
 
     def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         image_q, image_k = call.query_segments.get("image"), call.key_segments.get("image")
-        if image_q is None or image_k is None:
+        if image_q is None or image_k is None or self.backend == "banded":
             return None
         shape = (query.shape[-2], key.shape[-2])
         cache_key = (call.grid, shape, image_q.start, image_k.start, query.device, query.dtype)
@@ -78,6 +131,27 @@ class LocalWindowAttention(AttentionControl):
         bias = torch.zeros(shape, device=device, dtype=dtype)
         bias[image_q, image_k] = torch.zeros_like(inside, dtype=dtype).masked_fill(~inside, float("-inf"))
         return bias
+
+    def compute(
+        self,
+        call: AttentionCall,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        image_q, image_k = call.query_segments.get("image"), call.key_segments.get("image")
+        if self.backend != "banded" or image_q is None or image_k is None:
+            return None
+        if bias is not None:
+            raise ControllerStateError(
+                f"another control adds a logit bias at layer {call.layer.name}, which the banded local window cannot "
+                "apply; use LocalWindowAttention(..., backend='bias') to combine them"
+            )
+        return local_window_attention(
+            query, key, value, grid=call.grid, radius=self.radius, image_queries=image_q, image_keys=image_k,
+            scale=call.scale,
+        )  # fmt: skip
 
     def reset(self) -> None:
         self._cache.clear()
@@ -159,4 +233,11 @@ def unload_clear(pipe: Any) -> None:
     object.__setattr__(transformer, _MOUNT_ATTRIBUTE, None)
 
 
-__all__ = ["LocalWindowAttention", "load_clear", "radius_from_name", "unload_clear", "window_mask"]
+__all__ = [
+    "LocalWindowAttention",
+    "load_clear",
+    "local_window_attention",
+    "radius_from_name",
+    "unload_clear",
+    "window_mask",
+]

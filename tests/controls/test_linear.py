@@ -217,6 +217,36 @@ def test_window_bias_gives_each_image_query_its_circle_and_all_text(flux):
         torch.testing.assert_close(out[..., row : row + 1, :], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("text", "text_first", "grid", "radius", "rows"),
+    [(5, True, (5, 7), 1.5, None), (3, False, (4, 4), 2.0, 1), (0, True, (6, 3), 3.0, 2), (7, True, (3, 9), 8.0, None)],
+)
+def test_banded_window_equals_the_masked_softmax(text, text_first, grid, radius, rows):
+    """Flux (text first), SD3 (image first) and UNet (image only) layouts, odd grids, several band heights."""
+    from attncontrol.controls.local import local_window_attention
+
+    image = grid[0] * grid[1]
+    image_slice = slice(text, text + image) if text_first else slice(0, image)
+    generator = torch.Generator().manual_seed(image + text)
+    q, k, v = (torch.randn(2, 3, text + image, 16, generator=generator) for _ in range(3))
+    bias = torch.zeros(text + image, text + image)
+    bias[image_slice, image_slice] = torch.zeros(image, image).masked_fill(~window_mask(grid, radius), float("-inf"))
+    expected = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, -1) @ v
+    banded = local_window_attention(
+        q, k, v, grid=grid, radius=radius, image_queries=image_slice, image_keys=image_slice, scale=0.25,
+        rows_per_chunk=rows,
+    )  # fmt: skip
+    torch.testing.assert_close(banded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_banded_backend_gives_the_bias_backends_images(flux):
+    with AttentionController(flux, [LocalWindowAttention(radius=1.5)]):
+        biased = flux(**call_kwargs("flux")).images
+    with AttentionController(flux, [LocalWindowAttention(radius=1.5, backend="banded")]):
+        banded = flux(**call_kwargs("flux")).images
+    np.testing.assert_allclose(banded, biased, atol=1e-5)
+
+
 def _clear_file(transformer, path, *, scale=0.05):
     state = {
         name: param.detach() + scale * torch.randn_like(param)
