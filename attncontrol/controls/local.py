@@ -65,18 +65,22 @@ def local_window_attention(
     not_image_keys = torch.ones(key.shape[-2], dtype=torch.bool, device=key.device)
     not_image_keys[image_keys] = False
     text_key, text_value = key[..., not_image_keys, :], value[..., not_image_keys, :]
-    window = window_mask(grid, radius, query.device)  # [HW, HW] bool; rows of one band are a slice of it
+    num_text = text_key.shape[-2]
+    columns = torch.arange(width, device=query.device)
     for top in range(0, height, chunk):
         bottom = min(height, top + chunk)
         first, last = max(0, top - reach), min(height, bottom + reach)
         q_rows = slice(image_queries.start + top * width, image_queries.start + bottom * width)
         k_rows = slice(image_keys.start + first * width, image_keys.start + last * width)
-        band = window[top * width : bottom * width, first * width : last * width]
-        bias = torch.zeros(band.shape[0], text_key.shape[-2] + band.shape[1], dtype=query.dtype, device=query.device)
-        bias[:, text_key.shape[-2] :].masked_fill_(~band, float("-inf"))
+        # The band's own circle test, from coordinates: never an HW x HW mask.
+        qy = torch.arange(top, bottom, device=query.device).repeat_interleave(width)
+        ky = torch.arange(first, last, device=query.device).repeat_interleave(width)
+        qx, kx = columns.repeat(bottom - top), columns.repeat(last - first)
+        band = (qy[:, None] - ky[None, :]) ** 2 + (qx[:, None] - kx[None, :]) ** 2 < radius**2
+        allowed = torch.cat([band.new_ones(band.shape[0], num_text), band], dim=1)
         keys = torch.cat([text_key, key[..., k_rows, :]], dim=-2)
         values = torch.cat([text_value, value[..., k_rows, :]], dim=-2)
-        out[..., q_rows, :] = F.scaled_dot_product_attention(query[..., q_rows, :], keys, values, bias, scale=scale)
+        out[..., q_rows, :] = F.scaled_dot_product_attention(query[..., q_rows, :], keys, values, allowed, scale=scale)
     return out
 
 
