@@ -13,6 +13,8 @@ logger = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 # Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights).
 SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd"}
+# Distilled LinFusion students of shipped models (``load_linfusion(pipe, "shapes-sd")``).
+SHIPPED_LINFUSION = {"shapes-sd": SHIPPED_DIR.parent / "linfusion" / "shapes-sd"}
 # Random-weight tiny models of every family: they exercise the machinery, their pictures are noise.
 TINY_MODELS = {
     "tiny-sd": "tiny_sd_pipeline",

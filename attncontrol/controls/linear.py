@@ -223,8 +223,9 @@ _MOUNT_ATTRIBUTE = "_attncontrol_linfusion"
 def load_linfusion(pipe: Any, source: str | LinFusion | None = None, **from_pretrained_kwargs: Any) -> LinearAttention:
     """Mount LinFusion weights into ``pipe.unet`` and return the control that runs them.
 
-    ``source`` is a hub id or a local folder in the published layout, a :class:`LinFusion`, or ``None`` for a fresh
-    one initialized from the UNet (what distillation starts from). The UNet's self-attention projections are swapped
+    ``source`` is a hub id or a local folder in the published layout, the name of a shipped student
+    (``"shapes-sd"``), a :class:`LinFusion`, or ``None`` for a fresh one initialized from the UNet (what distillation
+    starts from). The UNet's self-attention projections are swapped
     for LinFusion's (the originals are kept); :func:`unload_linfusion` puts them back. Use the control in any
     controller, alone or beside others::
 
@@ -241,7 +242,9 @@ def load_linfusion(pipe: Any, source: str | LinFusion | None = None, **from_pret
     elif isinstance(source, LinFusion):
         linfusion = source
     else:
-        linfusion = LinFusion.from_pretrained(source, **from_pretrained_kwargs)
+        from attncontrol.models import SHIPPED_LINFUSION
+
+        linfusion = LinFusion.from_pretrained(str(SHIPPED_LINFUSION.get(source, source)), **from_pretrained_kwargs)
     linfusion.check_fits(unet)
     parameter = next(unet.parameters())
     linfusion.to(device=parameter.device, dtype=parameter.dtype)

@@ -10,6 +10,7 @@ from attncontrol.pipelines.editing import (
     RemoveStableDiffusionXLPipeline,
     to_editing,
 )
+from attncontrol.pipelines.highres import sdedit_ladder
 from attncontrol.pipelines.inversion import Inversion, invert
 from attncontrol.pipelines.regional import (
     RegionalFluxPipeline,
@@ -58,6 +59,7 @@ __all__ = [
     "RemoveStableDiffusionPipeline",
     "RemoveStableDiffusionXLPipeline",
     "invert",
+    "sdedit_ladder",
     "to_editing",
     "to_regional",
     "to_sharing",

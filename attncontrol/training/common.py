@@ -49,6 +49,20 @@ def ema_update(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, 
             ema_param.lerp_(param, 1 - decay)
 
 
+def layer_outputs(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, Any], list]:
+    """Forward hooks keeping each named submodule's output of the latest call (feature-matching losses);
+    returns the dict they fill and the handles to remove."""
+    outputs: dict[str, Any] = {}
+    handles = []
+    for name in names:
+
+        def hook(module, args, output, name=name):
+            outputs[name] = output
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return outputs, handles
+
+
 def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to ``floor * base_lr``."""
     warm = min(1.0, (step + 1) / max(1, warmup))

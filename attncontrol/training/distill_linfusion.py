@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attncontrol.training.common import load_checkpoint, parse_config, rng_state, save_checkpoint, set_rng_state
+from attncontrol.training.common import (
+    layer_outputs,
+    load_checkpoint,
+    parse_config,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 logger = logging.getLogger("attncontrol.training.distill_linfusion")
 
@@ -83,19 +90,6 @@ def _folder_pool(pipe, folder: Path, size: int | None) -> tuple[torch.Tensor, li
     return torch.cat(latents), captions
 
 
-def _attention_outputs(unet, names: list[str]) -> tuple[dict[str, torch.Tensor], list]:
-    """Forward hooks that keep each named self-attention layer's output of the latest call."""
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(module, args, output, name=name):
-            outputs[name] = output
-
-        handles.append(unet.get_submodule(name).register_forward_hook(hook))
-    return outputs, handles
-
-
 def distill(config: Config, resume: bool = False) -> dict:
     from accelerate import Accelerator
 
@@ -146,8 +140,8 @@ def distill(config: Config, resume: bool = False) -> dict:
     device = accelerator.device
     teacher.to(device)
     student.to(device)
-    teacher_outputs, teacher_hooks = _attention_outputs(teacher, names)
-    student_outputs, student_hooks = _attention_outputs(student, names)
+    teacher_outputs, teacher_hooks = layer_outputs(teacher, names)
+    student_outputs, student_hooks = layer_outputs(student, names)
 
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc="distill", disable=not accelerator.is_main_process)
