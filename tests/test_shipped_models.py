@@ -41,3 +41,26 @@ def test_shapes_sd_loads_offline_as_the_default_and_draws_the_prompt():
     # A random-weight model draws none of these; the trained one draws most (fixed seeds: deterministic).
     assert sum(hits) >= 3, hits
     assert store.maps().shape[1:3] == (16, 16)  # 32x32 latents; cross-attention sits at 16x16 and 8x8
+
+
+def test_shipped_linfusion_student_loads_and_draws_the_prompt():
+    """The distilled linear-attention student of shapes-sd, shipped in the package, draws what its teacher draws."""
+    from attncontrol.controls import load_linfusion, unload_linfusion
+    from attncontrol.models import SHIPPED_LINFUSION
+
+    assert (SHIPPED_LINFUSION["shapes-sd"] / "config.json").exists()
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    linear = load_linfusion(pipe, "shapes-sd")
+    try:
+        with AttentionController(pipe, [linear]):
+            images = pipe(
+                PROMPTS,
+                num_inference_steps=20,
+                guidance_scale=5.0,
+                generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
+            ).images
+    finally:
+        unload_linfusion(pipe)
+    hits = _hits(images)
+    assert sum(hits) >= 3, hits
