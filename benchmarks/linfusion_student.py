@@ -62,14 +62,15 @@ def main() -> None:
             differences[task] = float(np.mean(values))
 
     rows = []
-    for t_row, s_row in zip(teacher.rows, student.rows, strict=True):
+    # report rows follow the task order; their labels are longer than the image folders' task names
+    for task, t_row, s_row in zip(common["tasks"], teacher.rows, student.rows, strict=True):
         rows.append(
             {
                 "task": t_row.task,
                 "teacher": [t_row.successes, t_row.total],
                 "student": [s_row.successes, s_row.total],
                 "kept": s_row.rate / t_row.rate if t_row.rate else float("nan"),
-                "mean_abs_pixel_difference": differences.get(t_row.task),
+                "mean_abs_pixel_difference": differences[task],
             }
         )
     lines = [
