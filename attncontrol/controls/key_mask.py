@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from attncontrol.core.bias import GroupedBias
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.layers import LayerInfo, LayerSpec
 from attncontrol.core.masks import MaskLike, SpatialMask
@@ -47,6 +48,8 @@ class KeyMaskedSelfAttention(AttentionControl):
         refine_until: progress in [0, 1] after which only ``mask`` is hidden (DesignEdit: 25 of 50 steps).
         layers: where it applies; default every self-attention (UNet) or joint attention (Flux, SD3) layer.
         steps: when it applies; default DesignEdit's steps 1..39 of 50 as fractions.
+        kernel_backend: where ``target="key"`` runs: ``"auto"`` (the Triton region-masked kernel on CUDA, SDPA
+            elsewhere), ``"triton"``, ``"flex"`` or ``"torch"``.
     """
 
     def __init__(
@@ -61,8 +64,9 @@ class KeyMaskedSelfAttention(AttentionControl):
         refine_until: float = 0.5,
         layers: LayerSpec = None,
         steps: StepSpec = DESIGNEDIT_KEY_MASK_STEPS,
+        kernel_backend: str = "auto",
     ) -> None:
-        super().__init__(layers=layers, steps=steps)
+        super().__init__(layers=layers, steps=steps, kernel_backend=kernel_backend)
         if target not in KEY_MASK_TARGETS:
             raise ValueError(f"`target` must be one of {KEY_MASK_TARGETS}, got {target!r}")
         check_guidance(guidance)
@@ -124,13 +128,14 @@ class KeyMaskedSelfAttention(AttentionControl):
             return query, key * self._keep(call, key.shape[2], segment, key), value
         return query, key, value * self._keep(call, value.shape[2], segment, value)
 
-    def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> GroupedBias | None:
         if self.target != "key" or not self._rows(call):
             return None
         segment = call.key_segments.get("image", slice(0, key.shape[2]))
         keep = self._keep(call, key.shape[2], segment, key.float())
-        # [B, 1, Sk, 1] -> [B, 1, 1, Sk]; log(0) = -inf hides a key completely.
-        return torch.log(keep).transpose(-1, -2)
+        # [B, 1, Sk, 1] -> [B, 1, 1, Sk]: one bias row for every query (a grouped bias with one group, so it stays on
+        # the region-masked kernel); log(0) = -inf hides a key completely.
+        return GroupedBias.key_bias(torch.log(keep).transpose(-1, -2), query.shape[2])
 
     def reset(self) -> None:
         self._keep_cache = {}

@@ -12,6 +12,8 @@ Linear starts at zero, so a fresh student projects exactly as its teacher. The c
 the MLPs ``to_q_``, ``to_k_``: the layout of the published ``Yuanshi/LinFusion-*`` weights.
 
 Cross-attention stays softmax, so LinFusion composes with regional prompts and the other controls in one pass.
+The attention itself is :func:`attncontrol.kernels.linear.linear_attention` (Triton on CUDA, fp32 torch elsewhere;
+``kernel_backend`` picks).
 """
 
 from __future__ import annotations
@@ -20,47 +22,43 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from attncontrol.core.bias import GroupedBias
 from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.errors import ControllerStateError, UnsupportedModelError
+from attncontrol.kernels.linear import LINEAR_EPS, feature_map
+from attncontrol.kernels.linear import linear_attention as kernel_linear_attention
+from attncontrol.kernels.linear import linear_attention_reference as kernel_linear_reference
 
 logger = logging.getLogger(__name__)
 
-#: LinFusion's normalizer epsilon (added to phi(q) . mean phi(k))
-LINEAR_EPS = 1e-4
-
-
-def feature_map(tensor: torch.Tensor) -> torch.Tensor:
-    """phi(t) = elu(t) + 1: positive, so the normalizer never vanishes."""
-    return F.elu(tensor) + 1.0
-
 
 def linear_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, eps: float = LINEAR_EPS
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    eps: float = LINEAR_EPS,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """Normalized non-causal linear attention on ``[B, H, S, D]`` tensors, computed in fp32 in O(S D^2).
-
-    The d x d state ``phi(K)^T V`` and the mean key are reduced once, then every query reads them: the order
-    :func:`linear_attention_reference` spells out quadratically.
-    """
-    q, k, v = feature_map(query.float()), feature_map(key.float()), value.float()
-    length = k.shape[-2]
-    state = (k.transpose(-1, -2) * length**-0.5) @ (v * length**-0.5)  # phi(K)^T V / N, [B, H, D, Dv]
-    normalizer = q @ k.mean(dim=-2, keepdim=True).transpose(-1, -2) + eps  # [B, H, S, 1]
-    return (q @ state / normalizer).to(query.dtype)
+    """Normalized non-causal linear attention on ``[B, H, S, D]`` tensors (the processors' layout), computed in fp32
+    in O(S D^2): :func:`attncontrol.kernels.linear.linear_attention` on transposed views. ``backend`` as there
+    (default ``"torch"``, this function's historic behaviour)."""
+    out = kernel_linear_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), eps=eps, backend=backend
+    )
+    return out.transpose(1, 2)
 
 
 def linear_attention_reference(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, eps: float = LINEAR_EPS
 ) -> torch.Tensor:
-    """The same formula through the S x S matrix of phi(q_i) . phi(k_j): the O(S^2) check for the fast paths."""
-    scores = feature_map(query.double()) @ feature_map(key.double()).transpose(-1, -2)
-    length = key.shape[-2]
-    return ((scores @ value.double()) / (scores.sum(-1, keepdim=True) + length * eps)).to(query.dtype)
+    """The same formula through the S x S matrix of phi(q_i) . phi(k_j) on ``[B, H, S, D]``: the O(S^2) check."""
+    out = kernel_linear_reference(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), eps=eps)
+    return out.transpose(1, 2)
 
 
 def projection_mlp(dim: int, mid_dim: int | None) -> nn.Module:
@@ -182,11 +180,14 @@ class LinearAttention(AttentionControl):
     The projections must be mounted (:func:`load_linfusion` does it) so that the layer's own ``to_v`` / ``to_out``
     are LinFusion's; this control re-projects the query and key through the MLPs and replaces softmax attention.
     A logit bias on those layers (key masking, sharing masks) cannot be honoured by linear attention and raises.
+    ``kernel_backend``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
     """
 
-    def __init__(self, linfusion: LinFusion, *, eps: float = LINEAR_EPS, steps: Any = None) -> None:
+    def __init__(
+        self, linfusion: LinFusion, *, eps: float = LINEAR_EPS, steps: Any = None, kernel_backend: str = "auto"
+    ) -> None:
         names = set(linfusion.layers)
-        super().__init__(layers=lambda layer: layer.name in names, steps=steps)
+        super().__init__(layers=lambda layer: layer.name in names, steps=steps, kernel_backend=kernel_backend)
         self.linfusion = linfusion
         self.eps = eps
 
@@ -205,7 +206,7 @@ class LinearAttention(AttentionControl):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        bias: torch.Tensor | None,
+        bias: torch.Tensor | GroupedBias | None,
     ) -> torch.Tensor:
         if bias is not None:
             raise ControllerStateError(
@@ -213,7 +214,7 @@ class LinearAttention(AttentionControl):
                 "runs and cannot apply one; restrict that control to cross-attention (layers='cross') or LinFusion's "
                 "steps"
             )
-        return linear_attention(query, key, value, eps=self.eps)
+        return linear_attention(query, key, value, eps=self.eps, backend=self.kernel_backend)
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -10,31 +10,23 @@ image branch's ``to_q``/``to_k``/``to_v``/``to_out`` of every attention layer an
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from attncontrol.core.bias import GroupedBias
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.errors import ControllerStateError, UnsupportedModelError
 from attncontrol.core.layers import LayerSpec
+from attncontrol.kernels.local import local_window_attention as kernel_local_window_attention
+from attncontrol.kernels.local.reference import banded_window_attention_bhsd, window_mask
 
 logger = logging.getLogger(__name__)
 
 #: parameter name parts a CLEAR checkpoint holds (image-branch projections; the text branch stays)
 CLEAR_PARAMETERS = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.")
-
-
-def window_mask(grid: tuple[int, int], radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[HW, HW]`` bool: key token within ``radius`` of query token on the ``(height, width)`` grid."""
-    height, width = grid
-    ys = torch.arange(height, device=device).repeat_interleave(width)
-    xs = torch.arange(width, device=device).repeat(height)
-    distance = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
-    return distance < radius**2
 
 
 def local_window_attention(
@@ -49,39 +41,16 @@ def local_window_attention(
     scale: float | None = None,
     rows_per_chunk: int | None = None,
 ) -> torch.Tensor:
-    """CLEAR's attention on ``[B, H, S, D]`` without an S x S mask: image queries go in bands of grid rows, each
-    against the text keys and the image rows within ``radius``; other queries attend to every key.
+    """CLEAR's attention on ``[B, H, S, D]`` without an S x S mask: the banded torch path
+    (:func:`attncontrol.kernels.local.reference.banded_window_attention_bhsd`): image queries go in bands of grid
+    rows, each against the text keys and the image rows within ``radius``; other queries attend to every key.
 
     Memory is O(S x band) instead of O(S^2); the result equals softmax attention under the window bias.
     """
-    height, width = grid
-    reach = max(0, math.ceil(radius) - 1)  # |dy| < radius
-    chunk = rows_per_chunk or max(1, 2 * reach + 1)
-    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
-    others = torch.ones(query.shape[-2], dtype=torch.bool, device=query.device)
-    others[image_queries] = False
-    if others.any():
-        out[..., others, :] = F.scaled_dot_product_attention(query[..., others, :], key, value, scale=scale)
-    not_image_keys = torch.ones(key.shape[-2], dtype=torch.bool, device=key.device)
-    not_image_keys[image_keys] = False
-    text_key, text_value = key[..., not_image_keys, :], value[..., not_image_keys, :]
-    num_text = text_key.shape[-2]
-    columns = torch.arange(width, device=query.device)
-    for top in range(0, height, chunk):
-        bottom = min(height, top + chunk)
-        first, last = max(0, top - reach), min(height, bottom + reach)
-        q_rows = slice(image_queries.start + top * width, image_queries.start + bottom * width)
-        k_rows = slice(image_keys.start + first * width, image_keys.start + last * width)
-        # The band's own circle test, from coordinates: never an HW x HW mask.
-        qy = torch.arange(top, bottom, device=query.device).repeat_interleave(width)
-        ky = torch.arange(first, last, device=query.device).repeat_interleave(width)
-        qx, kx = columns.repeat(bottom - top), columns.repeat(last - first)
-        band = (qy[:, None] - ky[None, :]) ** 2 + (qx[:, None] - kx[None, :]) ** 2 < radius**2
-        allowed = torch.cat([band.new_ones(band.shape[0], num_text), band], dim=1)
-        keys = torch.cat([text_key, key[..., k_rows, :]], dim=-2)
-        values = torch.cat([text_value, value[..., k_rows, :]], dim=-2)
-        out[..., q_rows, :] = F.scaled_dot_product_attention(query[..., q_rows, :], keys, values, allowed, scale=scale)
-    return out
+    return banded_window_attention_bhsd(
+        query, key, value, grid=grid, radius=radius, image_queries=image_queries, image_keys=image_keys, scale=scale,
+        rows_per_chunk=rows_per_chunk,
+    )  # fmt: skip
 
 
 class LocalWindowAttention(AttentionControl):
@@ -90,19 +59,28 @@ class LocalWindowAttention(AttentionControl):
     Args:
         radius: window radius in image tokens (CLEAR's r: 8, 16, 32 at FLUX's 1024 px = 64x64 tokens).
         backend: ``"bias"`` (a logit bias: composes with regions and masks in one softmax, O(S^2) memory) or
-            ``"banded"`` (:func:`local_window_attention`: O(S x band) memory; another control's bias on the same
-            layer is refused).
+            ``"banded"`` (the window computed by :func:`attncontrol.kernels.local.local_window_attention` without an
+            S x S mask: the block-sparse Triton kernel on CUDA, the banded torch path elsewhere; another control's
+            bias on the same layer is refused).
+        kernel_backend: for ``backend="banded"``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"``,
+            ``"flex"`` or ``"torch"`` (the banded path).
         layers / steps: where and when (default: every attention layer that has image queries and image keys).
     """
 
     def __init__(
-        self, radius: float, *, backend: str = "bias", layers: LayerSpec = None, steps: StepSpec = None
+        self,
+        radius: float,
+        *,
+        backend: str = "bias",
+        kernel_backend: str = "auto",
+        layers: LayerSpec = None,
+        steps: StepSpec = None,
     ) -> None:
         if not radius > 0:
             raise ValueError(f"`radius` must be > 0, got {radius!r}")
         if backend not in ("bias", "banded"):
             raise ValueError(f"`backend` must be 'bias' or 'banded', got {backend!r}")
-        super().__init__(layers=layers, steps=steps)
+        super().__init__(layers=layers, steps=steps, kernel_backend=kernel_backend)
         self.radius = float(radius)
         self.backend = backend
         self._cache: dict[tuple, torch.Tensor | None] = {}
@@ -142,7 +120,7 @@ class LocalWindowAttention(AttentionControl):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        bias: torch.Tensor | None,
+        bias: torch.Tensor | GroupedBias | None,
     ) -> torch.Tensor | None:
         image_q, image_k = call.query_segments.get("image"), call.key_segments.get("image")
         if self.backend != "banded" or image_q is None or image_k is None:
@@ -152,6 +130,13 @@ class LocalWindowAttention(AttentionControl):
                 f"another control adds a logit bias at layer {call.layer.name}, which the banded local window cannot "
                 "apply; use LocalWindowAttention(..., backend='bias') to combine them"
             )
+        if image_q == image_k and query.shape[2] == key.shape[2]:
+            out = kernel_local_window_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), grid=call.grid, radius=self.radius,
+                image=image_q, scale=call.scale, backend=self.kernel_backend,
+            )  # fmt: skip
+            return out.transpose(1, 2)
+        # Queries and keys laid out differently (a control appended keys): only the banded path handles that.
         return local_window_attention(
             query, key, value, grid=call.grid, radius=self.radius, image_queries=image_q, image_keys=image_k,
             scale=call.scale,

@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import torch
 
+from attncontrol.core.bias import GroupedBias, add_biases
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.errors import MaskError, RegionError
 from attncontrol.core.layers import LayerSpec
@@ -186,6 +187,8 @@ class RegionalAttention(AttentionControl):
         hide_leaks: for causal text encoders (CLIP): inside a region, also hide the tokens that follow another
             region's phrase (they carry it). Not for T5 (Flux), whose every token sees the whole prompt.
         layers / steps: where the control applies at all.
+        kernel_backend: where hard masks run: ``"auto"`` (the Triton region-masked kernel on CUDA, SDPA with the
+            spelled-out bias elsewhere), ``"triton"``, ``"flex"`` or ``"torch"``.
     """
 
     def __init__(
@@ -202,12 +205,13 @@ class RegionalAttention(AttentionControl):
         hide_leaks: bool = False,
         layers: LayerSpec = None,
         steps: StepSpec = None,
+        kernel_backend: str = "auto",
     ) -> None:
         if mode not in REGION_MODES:
             raise RegionError(f"`mode` must be one of {REGION_MODES}, got {mode!r}")
         if self_strength is None:
             self_strength = 0.3 if mode == "soft" else 0.0
-        super().__init__(layers=layers, steps=steps)
+        super().__init__(layers=layers, steps=steps, kernel_backend=kernel_backend)
         if not regions:
             raise RegionError("`regions` is empty: give at least one region")
         self.regions = list(regions)
@@ -240,70 +244,81 @@ class RegionalAttention(AttentionControl):
     def _region_groups(self) -> list[slice]:
         return [region.group for region in self.regions if region.group is not None]
 
-    def _text_block(self, call: AttentionCall, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[image_tokens, text_tokens]`` biases for image queries x text keys of a conditional row: the full one
-        (ownership + base weight) and the ownership part alone (0 / log weight / -inf on owned tokens)."""
+    def _membership(self, call: AttentionCall, device: torch.device) -> torch.Tensor:
+        """``[image_tokens, regions]`` bool: which regions each image token lies in."""
+        return torch.stack([region.inside(call.grid, device) for region in self.regions], dim=1)
+
+    def _owners(self, length: int, device: torch.device) -> torch.Tensor:
+        """``[text_tokens, regions]`` bool: which regions own each text token."""
+        owners = torch.zeros(length, len(self.regions), dtype=torch.bool, device=device)
+        for index, region in enumerate(self.regions):
+            owners[[t for t in region.tokens if t < length], index] = True
+        return owners
+
+    def _text_block(
+        self, call: AttentionCall, inside: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-query x text-key biases of a conditional row for image tokens with region memberships ``inside``
+        (``[n, regions]``): the full one (ownership + base weight) and the ownership part alone (0 / log weight /
+        -inf on owned tokens), each ``[n, text_tokens]``. They depend on a token only through its membership."""
         text = call.key_segments["text"]
         length = text.stop - text.start
-        block = torch.zeros(call.image_tokens, length, device=device)
+        count = inside.shape[0]
+        block = torch.zeros(count, length, device=device)
         step = call.step
         base_weight = self.base_weight(step)
         if self.base_tokens is not None and (isinstance(base_weight, torch.Tensor) or base_weight != 1.0):
-            inside_any = torch.zeros(call.image_tokens, dtype=torch.bool, device=device)
-            for region in self.regions:
-                inside_any |= region.inside(call.grid, device)
             base = self.base_tokens
-            block[inside_any, base.start : base.stop] += _log(base_weight)
-        owned = torch.full((call.image_tokens, length), float("-inf"), device=device)
+            block[inside.any(dim=1), base.start : base.stop] += _log(base_weight)
+        owned = torch.full((count, length), float("-inf"), device=device)
         is_owned = torch.zeros(length, dtype=torch.bool, device=device)
-        for region in self.regions:
+        for index, region in enumerate(self.regions):
             tokens = torch.as_tensor([t for t in region.tokens if t < length], dtype=torch.long, device=device)
             if tokens.numel() == 0:
                 continue
-            inside = region.inside(call.grid, device)
-            value = torch.where(inside, _log(region.weight(step)), float("-inf"))[:, None]
+            value = torch.where(inside[:, index], _log(region.weight(step)), float("-inf"))[:, None]
             owned[:, tokens] = torch.maximum(owned[:, tokens], value.expand(-1, tokens.numel()))
             is_owned[tokens] = True
         ownership = torch.where(is_owned[None, :], owned, torch.zeros_like(owned))
         if self.hide_leaks:
-            block = block + self._leak_bias(call, length, device)
+            block = block + self._leak_bias(inside, length, device)
         return block + ownership, ownership
 
-    def _leak_bias(self, call: AttentionCall, length: int, device: torch.device) -> torch.Tensor:
+    def _leak_bias(self, inside: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
         """Inside a region, hide the unowned tokens a causal encoder wrote after another region's phrase.
 
         With CLIP, "and a", the end token and the padding after "red circle" all carry "red circle": they would
         leak it into the blue square's region. Tokens before every other phrase only know the region's own words.
         """
-        bias = torch.zeros(call.image_tokens, length, device=device)
+        bias = torch.zeros(inside.shape[0], length, device=device)
         owned_anywhere = torch.zeros(length, dtype=torch.bool, device=device)
         for region in self.regions:
             owned_anywhere[[t for t in region.tokens if t < length]] = True
-        for region in self.regions:
+        for index, region in enumerate(self.regions):
             others = [min(other.tokens) for other in self.regions if other is not region and other.tokens]
             if not others:
                 continue
             leaked = torch.zeros(length, dtype=torch.bool, device=device)
             leaked[min(others) :] = True
             leaked &= ~owned_anywhere
-            inside = region.inside(call.grid, device)
-            bias[inside[:, None] & leaked[None, :]] = float("-inf")
+            bias[inside[:, index][:, None] & leaked[None, :]] = float("-inf")
         return bias
 
     # ---------------------------------------------------------------- hooks
-    def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    def logit_bias(
+        self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor
+    ) -> torch.Tensor | GroupedBias | None:
+        """Soft mode: a dense bias (it depends on the logits). Hard mode: a :class:`GroupedBias` (plus the dense
+        self-attention modulation where ``self_strength`` asks for it)."""
         soft = self._soft_bias(call, query, key)
         if self.mode == "soft":
             return soft
-        hard = self._hard_bias(call, query, key)
-        if hard is None or soft is None:
-            return hard if soft is None else soft
-        return hard + soft
+        return add_biases(self._hard_bias(call, query, key), soft)
 
     def reset(self) -> None:
         self._bias_cache.clear()
 
-    def _hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    def _hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> GroupedBias | None:
         if "text" not in call.key_segments or "image" not in call.query_segments:
             return None
         weights = _weight_key((*(region.weight(call.step) for region in self.regions), self.base_weight(call.step)))
@@ -330,45 +345,75 @@ class RegionalAttention(AttentionControl):
             self._bias_cache[key] = value
         return value
 
-    def _build_hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def _build_hard_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> GroupedBias:
+        """The hard layout as a grouped bias: query rows grouped by batch role (conditional, unconditional, other),
+        then by region membership (image queries) or by owning regions and prompt group (joint text queries).
+
+        Spelled out (:meth:`GroupedBias.dense`), it is the ``[B, 1, Sq, Sk]`` bias of the rules in the module
+        docstring; kept grouped, it costs O(groups x Sk) and stays on the region-masked kernel.
+        """
         batch, device = query.shape[0], query.device
+        queries, keys = query.shape[2], key.shape[2]
         cond_rows, uncond_rows = self._rows(call, batch)
         text, image_q = call.key_segments["text"], call.query_segments["image"]
-        bias = torch.zeros(batch, 1, query.shape[2], key.shape[2], device=device)
-        block, ownership = self._text_block(call, device)
-        bias[cond_rows, :, image_q, text] = block
-        text_q = call.query_segments.get("text")
-        image_k = call.key_segments.get("image")
-        if text_q is not None and image_k is not None:
-            # Joint attention: a region's text tokens look only at image tokens inside it (same ownership, transposed).
-            bias[cond_rows, :, text_q, image_k] = ownership.T
-            groups = self._region_groups()
-            if groups:
-                bias[cond_rows, :, text_q, text] = self._group_isolation(text.stop - text.start, groups, device)
-        self._hide_groups(bias, uncond_rows, call)
-        return bias.to(query.dtype)
+        text_q, image_k = call.query_segments.get("text"), call.key_segments.get("image")
+        length = text.stop - text.start
+        region_groups = self._region_groups()
+        parts = [torch.zeros(1, keys, device=device)]  # group 0: no bias (rows of no role, positions of no segment)
 
-    def _group_isolation(self, length: int, groups: list[slice], device: torch.device) -> torch.Tensor:
-        """Text-to-text bias: each separately encoded prompt attends only within itself, like its own encoder."""
+        def next_group() -> int:
+            return sum(part.shape[0] for part in parts)
+
+        # Conditional rows, image queries: one group per region membership pattern.
+        patterns, pattern_of = torch.unique(self._membership(call, device).to(torch.uint8), dim=0, return_inverse=True)
+        block, ownership = self._text_block(call, patterns.bool(), device)
+        image_rows = torch.zeros(patterns.shape[0], keys, device=device, dtype=block.dtype)
+        image_rows[:, text] = block
+        cond = torch.zeros(queries, dtype=torch.long, device=device)
+        cond[image_q] = next_group() + pattern_of
+        parts.append(image_rows)
+        if text_q is not None and image_k is not None:
+            # Joint attention: a region's text tokens look only at image tokens inside it (its ownership column),
+            # and per-region prompts only at their own tokens; text tokens owned alike and in one prompt share rows.
+            labels = self._group_labels(length, region_groups, device)
+            signature = torch.cat([self._owners(length, device).long(), labels[:, None]], dim=1)
+            signatures, signature_of = torch.unique(signature, dim=0, return_inverse=True)
+            first = torch.full((signatures.shape[0],), length, dtype=torch.long, device=device)
+            first.scatter_reduce_(0, signature_of, torch.arange(length, device=device), reduce="amin")
+            text_rows = torch.zeros(signatures.shape[0], keys, device=device, dtype=ownership.dtype)
+            text_rows[:, image_k] = ownership[:, first][pattern_of].T
+            if region_groups:
+                text_rows[:, text] = torch.where(labels[first][:, None] == labels[None, :], 0.0, float("-inf"))
+            cond[text_q] = next_group() + signature_of
+            parts.append(text_rows)
+
+        # Unconditional rows: the region prompts' tokens are hidden (except from those tokens themselves).
+        uncond = torch.zeros(queries, dtype=torch.long, device=device)
+        if uncond_rows and region_groups:
+            hidden = torch.zeros(1 + len(region_groups), keys, device=device)
+            for group in region_groups:
+                hidden[:, text.start + group.start : text.start + group.stop] = float("-inf")
+            uncond[:] = first_hidden = next_group()
+            for index, group in enumerate(region_groups, start=1):
+                # The hidden group's own (unused) rows keep its keys visible so they stay finite.
+                hidden[index, text.start + group.start : text.start + group.stop] = 0.0
+                if text_q is not None:
+                    uncond[text_q.start + group.start : text_q.start + group.stop] = first_hidden + index
+            parts.append(hidden)
+
+        groups = torch.zeros(batch, queries, dtype=torch.int32, device=device)
+        groups[cond_rows] = cond.to(torch.int32)
+        groups[uncond_rows] = uncond.to(torch.int32)
+        table = torch.cat(parts)[None, None].to(query.dtype)
+        return GroupedBias(groups, table, validate=False)
+
+    @staticmethod
+    def _group_labels(length: int, groups: list[slice], device: torch.device) -> torch.Tensor:
+        """``[text_tokens]``: 0 for the base prompt, ``i`` for the i-th separately encoded region prompt."""
         labels = torch.zeros(length, dtype=torch.long, device=device)
         for index, group in enumerate(groups, start=1):
             labels[group] = index
-        same = labels[:, None] == labels[None, :]
-        return torch.where(same, 0.0, float("-inf"))
-
-    def _hide_groups(self, bias: torch.Tensor, rows: list[int], call: AttentionCall) -> None:
-        groups = self._region_groups()
-        if not rows or not groups:
-            return
-        text = call.key_segments["text"]
-        for group in groups:
-            columns = slice(text.start + group.start, text.start + group.stop)
-            bias[rows, :, :, columns] = float("-inf")
-            text_q = call.query_segments.get("text")
-            if text_q is not None:
-                # The hidden group's own (unused) rows keep one visible key so they stay finite.
-                rows_q = slice(text_q.start + group.start, text_q.start + group.stop)
-                bias[rows, :, rows_q, columns] = 0.0
+        return labels
 
     def _soft_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """DenseDiffusion: pull logits up to the row max where the layout says "attend", down to the row min elsewhere.

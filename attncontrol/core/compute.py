@@ -1,7 +1,11 @@
-"""The three ways a controlled processor computes attention, all on ``[B, H, S, D]`` tensors.
+"""The ways a controlled processor computes attention, all on ``[B, H, S, D]`` tensors.
 
 - dense: no bias and nobody needs the probabilities -> the same SDPA / dispatcher call as the stock processor;
 - bias: an additive logit bias (region masks, modulation) -> SDPA with a float ``attn_mask``;
+- masked kernel: a grouped bias (:class:`~attncontrol.core.bias.GroupedBias`: regions, key masks) and a fused
+  kernel backend (``kernel_backend`` resolving to ``"triton"`` or ``"flex"``) -> the region-masked kernel, which
+  never builds the Sq x Sk bias; with ``"torch"`` (the default on the CPU) the grouped bias is spelled out and takes
+  the bias path, with the same numbers as a dense bias;
 - explicit: a control edits or observes the probabilities, or the bias needs a gradient -> softmax(QK^T * scale +
   bias) in fp32, then P @ V.
 
@@ -14,6 +18,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from attncontrol.core.bias import GroupedBias
+from attncontrol.kernels.backend import resolve_backend
+from attncontrol.kernels.masked import MAX_TABLE_GRAD_GROUPS, masked_attention
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -60,24 +68,35 @@ def attention(
     value: torch.Tensor,
     *,
     scale: float | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | GroupedBias | None = None,
     probs_hook: ProbsHook | None = None,
     backend: object | None = None,
     parallel_config: object | None = None,
+    kernel_backend: str = "auto",
 ) -> torch.Tensor:
     """Attention over ``[B, H, S, D]`` tensors with an optional additive ``bias`` and probability hook.
 
     Args:
         query, key, value: ``[B, H, Sq, D]``, ``[B, H, Sk, D]``, ``[B, H, Sk, Dv]``.
         scale: logit scale; ``None`` means ``D ** -0.5`` as in SDPA.
-        bias: float tensor broadcastable to ``[B, H, Sq, Sk]``; ``-inf`` masks a key.
+        bias: float tensor broadcastable to ``[B, H, Sq, Sk]`` or a :class:`GroupedBias`; ``-inf`` masks a key.
         probs_hook: called with the fp32 probabilities ``[B, H, Sq, Sk]``; returns the probabilities to use. Forces
             the explicit path.
-        backend, parallel_config: forwarded to diffusers' attention dispatcher on the dense and bias paths.
+        backend, parallel_config: forwarded to diffusers' attention dispatcher on the dense and bias paths (a
+            dispatcher backend or parallel config keeps biases off the masked kernel).
+        kernel_backend: ``"auto" | "triton" | "flex" | "torch"`` for biased attention. ``auto`` sends grouped
+            biases to the Triton masked kernel on CUDA and dense biases to SDPA; an explicit ``"triton"``/``"flex"``
+            sends dense biases to the kernel too (one group per query row).
 
     Returns:
         ``[B, H, Sq, Dv]`` in the dtype of ``query``.
     """
+    if bias is not None:
+        fused = _masked_kernel(query, key, value, scale, bias, probs_hook, backend, parallel_config, kernel_backend)
+        if fused is not None:
+            return fused
+        if isinstance(bias, GroupedBias):
+            bias = bias.dense()
     dead = fully_masked_rows(bias) if bias is not None else None
     if dead is not None:
         bias = bias.masked_fill(dead, 0.0)
@@ -99,6 +118,44 @@ def attention(
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
     return out
+
+
+def _masked_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    bias: torch.Tensor | GroupedBias,
+    probs_hook: ProbsHook | None,
+    backend: object | None,
+    parallel_config: object | None,
+    kernel_backend: str,
+) -> torch.Tensor | None:
+    """The region-masked kernel's output when the call may take it, else ``None`` (the caller's dense paths)."""
+    if probs_hook is not None or backend is not None or parallel_config is not None:
+        return None
+    chosen = resolve_backend(kernel_backend, "masked", query, key, value, name="kernel_backend")
+    if chosen == "torch":
+        return None
+    if not isinstance(bias, GroupedBias):
+        if kernel_backend == "auto":
+            return None  # dense biases stay on SDPA unless a fused backend is asked for by name
+        bias = GroupedBias.rows(bias)
+    wants_grad = bias.requires_grad and torch.is_grad_enabled()
+    if wants_grad and (chosen == "flex" or bias.num_groups > MAX_TABLE_GRAD_GROUPS):
+        return None  # the explicit path returns the bias gradient
+    table = bias.table
+    out = masked_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        groups=bias.groups,
+        table=table if table.dtype.is_floating_point else table.float(),
+        scale=scale,
+        backend=chosen,
+        validate=False,
+    )
+    return out.transpose(1, 2)
 
 
 def attention_probs(

@@ -3,7 +3,9 @@
 A processor runs the active controls of a call in a fixed order:
 
 1. ``edit_qkv``    share, inject or key-mask queries/keys/values;
-2. ``logit_bias``  additive logit bias (region masks, modulation); biases of several controls add up;
+2. ``logit_bias``  additive logit bias (region masks, modulation): a dense tensor, or a
+                   :class:`~attncontrol.core.bias.GroupedBias` when the bias is constant over groups of queries (it
+                   then stays on the fused region-masked kernel); biases of several controls add up;
 3. ``edit_probs``  rewrite probabilities (only if ``wants_probs`` says so: forces the explicit path);
 4. ``observe``     read the final probabilities (attention maps);
 5. ``edit_output`` rewrite the attention output before the output projection.
@@ -12,6 +14,10 @@ A control may also ``compute`` the attention itself (linear attention, a local-w
 attention: at most one per call, and not where another control needs the probabilities.
 
 Controls compose: several run in one processor in one denoiser pass.
+
+Every control carries a ``kernel_backend`` (``"auto" | "triton" | "flex" | "torch"``, default ``"auto"``): the
+backend of the kernels it runs itself (linear attention, the local window) and its vote for the processor's biased
+attention. Explicit choices of the controls active in one call must agree.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from attncontrol.core.bias import GroupedBias
 from attncontrol.core.layers import LayerInfo, LayerSpec, make_layer_filter
 from attncontrol.core.state import BatchLayout, StepState
+from attncontrol.kernels.backend import check_backend
 
 StepSpec = None | tuple[int, int] | tuple[float, float] | Callable[[StepState], bool]
 
@@ -89,11 +97,24 @@ class AttentionControl:
         layers: where the control applies (see :func:`attncontrol.core.layers.make_layer_filter`). Default: all.
         steps: ``(start, end)`` step indices (end exclusive), ``(0.0, 0.5)``-style fractions of the schedule, or a
             callable on :class:`StepState`. Default: every step.
+        kernel_backend: ``"auto" | "triton" | "flex" | "torch"``: which kernels run this control's attention (see
+            the module docstring and :mod:`attncontrol.kernels.backend`). Also settable as an attribute.
     """
 
-    def __init__(self, *, layers: LayerSpec = None, steps: StepSpec = None) -> None:
+    _kernel_backend = "auto"
+
+    def __init__(self, *, layers: LayerSpec = None, steps: StepSpec = None, kernel_backend: str = "auto") -> None:
         self._layer_filter = make_layer_filter(layers)
         self._step_filter = _make_step_filter(steps)
+        self.kernel_backend = kernel_backend
+
+    @property
+    def kernel_backend(self) -> str:
+        return self._kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, value: str) -> None:
+        self._kernel_backend = check_backend(value, "kernel_backend")
 
     def applies_to_layer(self, layer: LayerInfo) -> bool:
         """Static part of the selection, evaluated once per layer at install time."""
@@ -112,7 +133,9 @@ class AttentionControl:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return query, key, value
 
-    def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    def logit_bias(
+        self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor
+    ) -> torch.Tensor | GroupedBias | None:
         return None
 
     def compute(
@@ -121,7 +144,7 @@ class AttentionControl:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        bias: torch.Tensor | None,
+        bias: torch.Tensor | GroupedBias | None,
     ) -> torch.Tensor | None:
         """Compute the attention output ``[B, H, Sq, Dv]`` instead of softmax attention, or ``None`` to leave it to
         the processor. ``bias`` is what the other controls asked for; a control that cannot honour it must raise."""

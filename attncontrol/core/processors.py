@@ -14,6 +14,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from attncontrol.core import compute
+from attncontrol.core.bias import add_biases
 from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.errors import ControllerStateError
 from attncontrol.core.layers import LayerInfo
@@ -29,10 +30,15 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-def _add_bias(total: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
-    if extra is None:
-        return total
-    return extra if total is None else total + extra
+def _kernel_backend(controls: list[AttentionControl], layer: LayerInfo) -> str:
+    """The kernel backend the active controls agree on: ``auto`` unless some name one (they must name the same)."""
+    named = {control.kernel_backend for control in controls} - {"auto"}
+    if len(named) > 1:
+        raise ControllerStateError(
+            f"the controls at layer {layer.name} ask for different kernel backends {sorted(named)}: "
+            "set the same `kernel_backend` on them (or leave all but one at 'auto')"
+        )
+    return named.pop() if named else "auto"
 
 
 class ControlledProcessor:
@@ -91,7 +97,7 @@ class ControlledProcessor:
             for control in active:
                 query, key, value = control.edit_qkv(call, query, key, value)
             for control in active:
-                bias = _add_bias(bias, control.logit_bias(call, query, key))
+                bias = add_biases(bias, control.logit_bias(call, query, key))
             probs_controls = [control for control in active if control.wants_probs(call)]
             if probs_controls:
 
@@ -128,6 +134,7 @@ class ControlledProcessor:
                 probs_hook=probs_hook,
                 backend=self._attention_backend,
                 parallel_config=self._parallel_config,
+                kernel_backend=_kernel_backend(active, self.layer),
             )
         for control in active:
             out = control.edit_output(call, out)

@@ -133,7 +133,7 @@ def _output_kernel(
         z = tl.load(z_ptr + bh.to(tl.int64) * D + offs_k, mask=offs_k < D, other=0.0)
         acc += mm32(q, state, LOWP)
         den += tl.sum(q * z[None, :], 1)
-    den += eps
+    den = tl.where(rows, den + eps, 1.0)  # padding rows: no 0 / 0 (eps may be 0)
     out = acc / den[:, None]
     tl.store(
         o_ptr + b * sob + h * soh + offs_s[:, None].to(tl.int64) * sos + offs_v[None, :],

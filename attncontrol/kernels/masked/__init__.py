@@ -15,6 +15,9 @@ from attncontrol.kernels.masked.reference import (
     masked_attention_torch,
 )
 
+#: the most groups whose table gradient the Triton kernel accumulates on chip
+MAX_TABLE_GRAD_GROUPS = 64
+
 
 def check_grouped_bias(
     groups: torch.Tensor | None,
@@ -58,6 +61,7 @@ def masked_attention(
     table: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """softmax(Q K^T * scale + table[groups]) V on ``[B, S, H, D]``; fully masked rows give zeros.
 
@@ -68,6 +72,8 @@ def masked_attention(
             returns its gradient (up to 64 groups); flex does not.
         scale: logit scale, ``D ** -0.5`` when ``None``.
         backend: ``"auto" | "triton" | "flex" | "torch"`` (see :mod:`attncontrol.kernels.backend`).
+        validate: check that group ids lie in ``[0, G)`` (a device sync on CUDA; out-of-range ids would read
+            outside the table); callers that built the groups themselves pass ``False``.
 
     Returns:
         ``[B, Sq, H, Dv]`` in the dtype of ``query``.
@@ -80,7 +86,9 @@ def masked_attention(
         raise ValueError(
             f"`key`/`value` do not match `query` {tuple(query.shape)}: {tuple(key.shape)}, {tuple(value.shape)}"
         )
-    check_grouped_bias(groups, table, batch=batch, heads=heads, queries=queries, keys=key.shape[1])
+    check_grouped_bias(
+        groups, table, batch=batch, heads=heads, queries=queries, keys=key.shape[1], check_values=validate
+    )
     scale = dim**-0.5 if scale is None else float(scale)
     chosen = resolve_backend(backend, "masked", query, key, value, table)
     if chosen == "triton":
@@ -95,6 +103,7 @@ def masked_attention(
 
 
 __all__ = [
+    "MAX_TABLE_GRAD_GROUPS",
     "check_grouped_bias",
     "grouped_bias_dense",
     "masked_attention",

@@ -28,9 +28,7 @@ from attncontrol.kernels._triton import (
     row_step,
     row_strides,
 )
-
-#: the most groups whose table gradient the kernel accumulates on chip
-MAX_TABLE_GRAD_GROUPS = 64
+from attncontrol.kernels.masked import MAX_TABLE_GRAD_GROUPS
 
 _CONFIGS = flash_configs()
 _PRUNE = {"early_config_prune": prune_flash_configs}
