@@ -26,6 +26,7 @@ CASES = [
     (1, 33, 1, 64, 40, "fp32", "elu", False),
     (1, 200, 1, 64, 64, "fp32", "elu", False),  # four sequence splits under the interpreter
     (1, 77, 1, 40, 160, "fp16", "identity", False),
+    (1, 9, 1, 80, 80, "fp16", "elu", True),
 ]
 
 

@@ -30,6 +30,7 @@ CASES = [
     (1, 77, 17, 2, 160, "fp16", 2, 2, True, False, False, False),
     (2, 1, 33, 1, 64, "bf16", 2, 1, False, True, False, False),
     (1, 130, 130, 1, 64, "fp16", 8, 1, False, True, True, False),
+    (1, 9, 5, 1, 40, "fp32", 2, 1, False, True, False, True),
 ]
 
 

@@ -29,8 +29,11 @@ def _block_mask(
         near = (qy - ky) * (qy - ky) + (qx - kx) * (qx - kx) < limit
         return (~q_image & ~k_pooled) | (q_image & (~k_image | near))
 
-    block = 128 if device.startswith("cuda") else 16
-    return create_block_mask(mask_mod, None, None, length, length + pooled, device=device, BLOCK_SIZE=block)
+    cuda = device.startswith("cuda")
+    # compiled on CUDA: the eager builder evaluates the mask over all S x (S + P) pairs at once
+    return create_block_mask(
+        mask_mod, None, None, length, length + pooled, device=device, BLOCK_SIZE=128 if cuda else 16, _compile=cuda
+    )
 
 
 def local_window_attention_flex(

@@ -148,7 +148,7 @@ def _dense_queries(
     return dk, dv
 
 
-@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV"])
+@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "IMAGE", "DQ"])
 @triton.jit
 def _query_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, out_ptr, lse_ptr, delta_ptr,
@@ -245,7 +245,7 @@ def _query_kernel(
         tl.store(lse_ptr + row_ptr, lse, mask=rows)
 
 
-@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV"])
+@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "KIND"])
 @triton.jit
 def _key_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,

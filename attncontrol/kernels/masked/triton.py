@@ -34,7 +34,7 @@ _CONFIGS = flash_configs()
 _PRUNE = {"early_config_prune": prune_flash_configs}
 
 
-@triton.autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "DQ"], prune_configs_by=_PRUNE)
 @triton.jit
 def _rows_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, grp_ptr, tab_ptr, out_ptr, lse_ptr, delta_ptr,
@@ -111,7 +111,9 @@ def _rows_kernel(
         tl.store(lse_ptr + row_ptr, lse, mask=rows)
 
 
-@triton.autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV"], prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "TABLE_GRAD"], prune_configs_by=_PRUNE
+)
 @triton.jit
 def _keys_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, grp_ptr, tab_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dtab_ptr,
