@@ -5,6 +5,7 @@ from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.controller import AttentionController, apply_attention_control_
 from attncontrol.core.errors import (
     AttnControlError,
+    ConceptError,
     ControllerStateError,
     EditError,
     MaskError,
@@ -28,6 +29,7 @@ __all__ = [
     "AttentionStore",
     "AttnControlError",
     "BatchLayout",
+    "ConceptError",
     "ControllerStateError",
     "EditError",
     "FluxJointAttnProcessor",

@@ -33,3 +33,7 @@ class RegionError(AttnControlError, ValueError):
 
 class EditError(AttnControlError, ValueError):
     """An image edit that cannot be done as asked (a layer moved off the canvas, an image size the model can't take)."""
+
+
+class ConceptError(AttnControlError, ValueError):
+    """Concept-extraction inputs that cannot train (tokens without masks, coinciding masks, a token already known)."""

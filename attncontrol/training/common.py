@@ -79,6 +79,8 @@ def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | 
         flag = "--" + item.name.replace("_", "-")
         if isinstance(value, tuple):
             parser.add_argument(flag, type=type(value[0]), nargs=len(value), default=value)
+        elif isinstance(value, list):
+            parser.add_argument(flag, nargs="*", type=str, default=value)
         elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:

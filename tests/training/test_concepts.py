@@ -1,0 +1,279 @@
+"""Concept extraction: the losses, masks from attention, input errors, and the training script's files (they load
+into a fresh stock pipeline and reproduce the trained one; a resumed run continues where it stopped)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attncontrol.concepts import (
+    attention_masks,
+    concept_prompt,
+    cross_attention_loss,
+    load_concepts,
+    mask_ssim,
+    masked_diffusion_loss,
+    prepare_concepts,
+    unload_concepts,
+)
+from attncontrol.core.errors import ConceptError
+from attncontrol.shapes.scenes import ObjectSpec, render
+from attncontrol.training.concepts import Config, check_config, train_concepts
+
+
+def _blobs(size: int = 16) -> torch.Tensor:
+    masks = torch.zeros(2, size, size)
+    masks[0, 2:7, 2:8] = 1
+    masks[1, 9:14, 8:15] = 1
+    return masks
+
+
+# ------------------------------------------------------------------------------------------------ losses
+@pytest.mark.parametrize("kind", ["mse", "jsd"])
+def test_attention_loss_is_zero_when_maps_equal_masks_and_differentiable(kind):
+    masks = _blobs()
+    assert float(cross_attention_loss(masks.clone(), masks, kind=kind)) == pytest.approx(0.0, abs=1e-7)
+    # maps that are the masks at another scale are the same maps once normalized
+    assert float(cross_attention_loss(0.03 * masks, masks, kind=kind)) == pytest.approx(0.0, abs=1e-7)
+
+    maps = (torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.1).requires_grad_(True)
+    loss = cross_attention_loss(maps, masks, kind=kind)
+    assert loss.item() > 0
+    loss.backward()
+    assert maps.grad is not None and float(maps.grad.abs().sum()) > 0
+    # gradient descent on the maps moves them towards the masks
+    with torch.no_grad():
+        stepped = maps - 0.5 * maps.grad / maps.grad.abs().max()
+    assert float(cross_attention_loss(stepped, masks, kind=kind)) < loss.item()
+
+
+def test_masked_diffusion_loss_ignores_what_the_mask_leaves_out():
+    prediction = torch.zeros(1, 4, 8, 8)
+    target = torch.zeros(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :] = 1
+    target[..., 4:, :] = 5.0  # wrong only outside the mask
+    assert float(masked_diffusion_loss(prediction, target, mask)) == 0.0
+    target[..., 0, 0] = 2.0
+    assert float(masked_diffusion_loss(prediction, target, mask)) == pytest.approx(4 * 4.0 / target.numel())
+
+
+# ------------------------------------------------------------------------------------------------ masks from attention
+def test_attention_masks_recover_objects_from_coarse_maps_and_affinity():
+    size = 16
+    masks = _blobs(size)
+    background = 1 - masks.amax(0)
+    # coarse, blurry cross maps: each token peaks near its object's centre but leaks everywhere
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    cross = torch.stack(
+        [torch.exp(-((ys - 4) ** 2 + (xs - 5) ** 2) / 12), torch.exp(-((ys - 11) ** 2 + (xs - 11) ** 2) / 12)]
+    )
+    cross = cross + 0.05
+    # self-attention: every pixel attends within its own region (object 0, object 1 or background)
+    labels = (masks[0] + 2 * masks[1]).flatten()
+    affinity = (labels[:, None] == labels[None, :]).float()
+    affinity = affinity / affinity.sum(-1, keepdim=True)
+    for method in ("cluster", "propagate"):
+        found = attention_masks(cross, affinity, method=method, background=background * 0.5 + 0.05, threshold=0.1)
+        assert found.shape == (2, size, size)
+        for index in range(2):
+            truth = masks[index].bool()
+            iou = (found[index] & truth).sum() / (found[index] | truth).sum()
+            assert float(iou) > 0.9, (method, index)
+    # the tokens swapped: the clusters follow the tokens
+    swapped = attention_masks(cross.flip(0), affinity)
+    assert torch.equal(swapped[0], masks[1].bool()) and torch.equal(swapped[1], masks[0].bool())
+
+
+def test_mask_ssim_prefers_similar_masks():
+    masks = _blobs()
+    assert mask_ssim(masks[0], masks[0]) == pytest.approx(1.0, abs=1e-6)
+    shifted = torch.roll(masks[0], 1, dims=1)
+    assert mask_ssim(masks[0], masks[1]) < mask_ssim(masks[0], shifted) < 1.0
+
+
+def test_attention_masks_find_the_objects_of_a_shapes_scene(tmp_path):
+    """On the trained shapes model, AttenCraft's masks land on the two objects (IoU with the drawn masks)."""
+    from attncontrol.training.concepts import ConceptTrainer
+
+    scene = render([ObjectSpec("red", "circle", 18, 20, 10), ObjectSpec("blue", "square", 44, 44, 10)])
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    config = Config(
+        out=str(tmp_path / "run"),
+        image=str(tmp_path / "scene.png"),
+        mask_source="attention",
+        num_concepts=2,
+        initializers=["circle", "square"],
+        phase2_steps=0,
+    )
+    from accelerate import Accelerator
+
+    trainer = ConceptTrainer(config, Accelerator())
+    trainer.refresh_masks()
+    assert trainer.mask_log[-1]["accepted"]
+    for index, obj in enumerate(scene.objects):
+        found = trainer.masks[index].bool().numpy()
+        iou = (found & obj.mask).sum() / (found | obj.mask).sum()
+        assert iou > 0.5, (index, iou)
+    saved = sorted(p.name for p in (tmp_path / "run" / "masks").iterdir())
+    assert saved == ["step-00000-asset0.png", "step-00000-asset1.png"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _scene_files(folder, size=32):
+    scene = render(
+        [
+            ObjectSpec("red", "circle", size * 0.3, size * 0.3, 5),
+            ObjectSpec("blue", "square", size * 0.7, size * 0.7, 5),
+        ],
+        size=size,
+    )
+    Image.fromarray(scene.image).save(folder / "scene.png")
+    paths = []
+    for index, obj in enumerate(scene.objects):
+        path = folder / f"mask{index}.png"
+        Image.fromarray((obj.mask * 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return folder / "scene.png", paths
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    from attncontrol.testing import clip_tokenizer
+
+    image, masks = _scene_files(tmp_path)
+    tokenizers = [clip_tokenizer()]
+    with pytest.raises(ConceptError, match="3 `tokens` but 2 `masks`"):
+        prepare_concepts(image, masks, ["<a>", "<b>", "<c>"], size=(32, 32), tokenizers=tokenizers)
+    with pytest.raises(ConceptError, match="overlap completely"):
+        prepare_concepts(image, [masks[0], masks[0]], None, size=(32, 32), tokenizers=tokenizers)
+    with pytest.raises(ConceptError, match="`image` is 32x32"):
+        prepare_concepts(image, masks, None, size=(64, 64), tokenizers=tokenizers)
+    with pytest.raises(ConceptError, match="'circle' is already in the tokenizer"):
+        prepare_concepts(image, masks, ["circle", "<b>"], size=(32, 32), tokenizers=tokenizers)
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(empty)
+    with pytest.raises(ConceptError, match="empty"):
+        prepare_concepts(image, [masks[0], str(empty)], None, size=(32, 32), tokenizers=tokenizers)
+    inputs = prepare_concepts(image, masks, None, size=(32, 32), tokenizers=tokenizers)
+    assert inputs.tokens == ["<asset0>", "<asset1>"] and inputs.masks.shape == (2, 32, 32)
+
+    with pytest.raises(ConceptError, match="--mask-source"):
+        check_config(Config(image=str(image), mask_source="magic"))
+    with pytest.raises(ConceptError, match="needs `--masks`"):
+        check_config(Config(image=str(image)))
+    with pytest.raises(ConceptError, match="--template"):
+        check_config(Config(image=str(image), masks=masks, template="a photo"))
+
+
+# ------------------------------------------------------------------------------------------------ the script
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from attncontrol.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("models")
+    tiny_sd_pipeline().save_pretrained(folder / "sd")
+    tiny_sdxl_pipeline().save_pretrained(folder / "sdxl")
+    return folder
+
+
+def _config(tmp_path, model, **changes) -> Config:
+    image, masks = _scene_files(tmp_path)
+    config = Config(
+        out=str(tmp_path / "run"),
+        model=str(model),
+        image=str(image),
+        masks=masks,
+        initializers=["circle", "square"],
+        phase1_steps=2,
+        phase2_steps=2,
+        phase1_lr=1e-2,
+        phase2_lr=1e-2,
+        phase2_embedding_lr=1e-2,
+        checkpoint_every=1,
+        validation_seeds=0,
+        train_text_encoder=True,
+    )
+    return replace(config, **changes)
+
+
+def _generate(pipe, prompt):
+    return pipe(
+        prompt, num_inference_steps=2, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_trained_files_reload_in_a_fresh_pipeline(tiny_models, tmp_path, family):
+    from diffusers import DiffusionPipeline
+
+    config = _config(tmp_path, tiny_models / family, validation_seeds=1, validation_steps=2)
+    trained = train_concepts(config)
+    out = trained.out
+    manifest = json.loads((out / "concepts.json").read_text())
+    assert manifest["tokens"] == ["<asset0>", "<asset1>"] and manifest["lora"]
+    assert (out / "validation" / "final.png").exists()
+    prompt = concept_prompt(trained.tokens)
+    expected = _generate(trained.pipeline, prompt)
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_models / family)
+    fresh.set_progress_bar_config(disable=True)
+    before = _generate(fresh, "a red circle")
+    tokens = load_concepts(fresh, out)
+    assert tokens == trained.tokens
+    actual = _generate(fresh, prompt)
+    assert np.abs(actual - expected).max() <= 1e-5
+    # the LoRA changed the model (so the comparison above is not vacuous), and unloading takes it out again
+    assert np.abs(_generate(fresh, "a red circle") - before).max() > 1e-4
+    unload_concepts(fresh, tokens)
+    assert np.abs(_generate(fresh, "a red circle") - before).max() <= 1e-6
+
+
+def test_resume_continues_at_the_saved_step(tiny_models, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = train_concepts(_config(tmp_path / "a", tiny_models / "sd"))
+    first = train_concepts(_config(tmp_path / "b", tiny_models / "sd", phase2_steps=1))
+    assert first.metrics["steps"] == 3
+    resumed = train_concepts(_config(tmp_path / "b", tiny_models / "sd"), resume=True)
+    assert [entry["step"] for entry in resumed.metrics["history"]] == [1, 2, 3, 4]
+    for name in ("unet", "text_encoder"):
+        a = dict(getattr(straight.pipeline, name).named_parameters())
+        b = dict(getattr(resumed.pipeline, name).named_parameters())
+        trained_names = [n for n in a if "lora_" in n or "token_embedding" in n]
+        assert trained_names
+        for key in trained_names:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_attention_loss_moves_token_maps_towards_masks(tiny_models, tmp_path):
+    """Training the embeddings on the attention loss alone lowers it on a fixed batch: the gradient reaches the
+    tokens through the stored attention maps."""
+    from accelerate import Accelerator
+
+    from attncontrol.core.store import AttentionStore
+    from attncontrol.training.concepts import ConceptTrainer
+
+    config = _config(tmp_path, tiny_models / "sd", phase1_steps=8, phase2_steps=0, masked_loss=True, phase1_lr=5e-2)
+    config = replace(config, attention_weight=1.0, checkpoint_every=100)
+    trainer = ConceptTrainer(config, Accelerator())
+    fixed = {
+        "subset": [0, 1],
+        "flip": False,
+        "prior": None,
+        "noise": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)),
+        "timesteps": torch.tensor([500]),
+    }
+    store = AttentionStore(kinds="cross", keep_grad=True, layers="cross")
+
+    def attention_loss() -> float:
+        with torch.no_grad(), trainer.observed(store):
+            return float(trainer.losses(store, fixed)["attention"])
+
+    before = attention_loss()
+    trainer.run()
+    assert attention_loss() < 0.9 * before
