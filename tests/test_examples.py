@@ -87,3 +87,25 @@ def test_example_job_file_is_valid(capsys):
     assert validate(jobs) == {}
     assert main(["batch", str(EXAMPLES / "jobs.yaml"), "--dry-run"]) == 0
     assert "5 of 5 jobs are valid" in capsys.readouterr().out
+
+
+def test_concept_extraction_example_runs(tmp_path, monkeypatch):
+    module = load_example("concept_extraction")
+    argv = [
+        "concept_extraction.py",
+        "--phase1-steps",
+        "2",
+        "--phase2-steps",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    module.main()
+    assert (tmp_path / "strip.png").exists()
+    assert {p.name for p in (tmp_path / "run" / "learned_embeds").iterdir()} == {
+        "asset0.safetensors",
+        "asset1.safetensors",
+    }
