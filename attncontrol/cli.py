@@ -73,6 +73,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "reference_mask": args.reference_mask,
         "box": args.box,
         "heatmaps": args.heatmap or None,
+        "concepts": args.concepts,
         "options": dict(_option(text) for text in args.option) or None,
     }
     return Job.from_dict({k: v for k, v in raw.items() if v is not None}, base_dir=Path.cwd(), where="arguments")
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a region with its own prompt; WHERE is x0,y0,x1,y1 (relative when all <= 1) or a mask file (repeatable)",
     )
     gen.add_argument("--region-mode", choices=("hard", "soft"), default=None)
+    gen.add_argument(
+        "--concepts",
+        default=None,
+        metavar="RUN_FOLDER",
+        help="tokens learned by `python -m attncontrol.training.concepts` (the prompt may use them, e.g. <asset0>)",
+    )
     gen.add_argument("--image", default=None, help="the real image to edit")
     gen.add_argument("--mask", default=None, help="the object to remove or move, the image's size")
     gen.add_argument("--offset", type=float, nargs=2, default=None, metavar=("DX", "DY"), help="move by pixels")

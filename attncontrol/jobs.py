@@ -9,11 +9,12 @@ mask file or a box), ``remove`` (an object under a mask), ``move`` (drag an obje
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ DEFAULT_STEPS = {"generate": 20, "regional": 20, "remove": 50, "move": 50, "comp
 DEFAULT_GUIDANCE = {"generate": 7.5, "regional": 7.5, "remove": 1.0, "move": 1.0, "compose": 1.0}
 #: which optional fields each kind reads (a field another kind reads is an error, not silently ignored)
 KIND_FIELDS = {
-    "generate": {"heatmaps"},
-    "regional": {"regions", "region_mode", "base_weight", "heatmaps"},
+    "generate": {"heatmaps", "concepts"},
+    "regional": {"regions", "region_mode", "base_weight", "heatmaps", "concepts"},
     "remove": {"image", "mask"},
     "move": {"image", "mask", "offset", "target_box"},
     "compose": {"image", "reference_image", "reference_mask", "box"},
@@ -79,6 +80,8 @@ class Job:
     reference_mask: str | None = None
     box: list[float] | None = None
     heatmaps: list[str] = field(default_factory=list)
+    #: a concept-training run folder whose tokens the prompt may use (loaded for this job, then taken out again)
+    concepts: str | None = None
     #: further keyword arguments of the pipeline call (e.g. ``dilation`` for moves, ``region_options``)
     options: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
@@ -153,7 +156,7 @@ class Job:
             raise JobError(f"{where}: a 'move' job needs exactly one of `offset` (dx, dy) or `target_box`")
         if job.region_mode not in ("hard", "soft"):
             raise JobError(f"{where}: `region_mode` must be 'hard' or 'soft', got {job.region_mode!r}")
-        for name in PATH_FIELDS:
+        for name in (*PATH_FIELDS, "concepts"):
             if raw.get(name) is not None:
                 setattr(job, name, _path(raw[name], base_dir, f"{where}: `{name}`"))
         if raw.get("regions") is not None:
@@ -191,6 +194,8 @@ class Job:
         for index, region in enumerate(self.regions):
             if "mask" in region:
                 inputs[f"regions[{index}]"] = _open(region["mask"], f"regions[{index}].mask")
+        if self.concepts is not None and not (Path(self.concepts) / "concepts.json").is_file():
+            raise JobError(f"`concepts` is not a concept-training run folder (no concepts.json): {self.concepts}")
         return inputs
 
 
@@ -391,24 +396,41 @@ def run_job(job: Job, pipelines: PipelineCache, *, per_step_maps: bool = False, 
         }
         if job.kind in ("generate", "regional"):
             store = AttentionStore(guidance="cond", per_step=per_step_maps) if job.heatmaps or per_step_maps else None
-            probe = AttentionController(pipe, [])  # not installed: only resolves words to token positions
-            tokens = {word: probe.token_indices(job.prompt, word, name="heatmaps") for word in job.heatmaps}
             call = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, **common}
             if job.height:
                 call["height"] = job.height
             if job.width:
                 call["width"] = job.width
             call = family_call_kwargs(pipe, call, batch=1)
-            if job.kind == "regional":
-                image = _run_regional(pipe, job, inputs, store, call)
-            elif store is not None:
-                with AttentionController(pipe, [store]):
+            with _concepts_loaded(pipe, job.concepts):
+                probe = AttentionController(pipe, [])  # not installed: only resolves words to token positions
+                tokens = {word: probe.token_indices(job.prompt, word, name="heatmaps") for word in job.heatmaps}
+                if job.kind == "regional":
+                    image = _run_regional(pipe, job, inputs, store, call)
+                elif store is not None:
+                    with AttentionController(pipe, [store]):
+                        image = pipe(**call).images[0]
+                else:
                     image = pipe(**call).images[0]
-            else:
-                image = pipe(**call).images[0]
             heatmaps = {word: store.heatmap(indices, image=image) for word, indices in tokens.items()}
             return JobResult(image=image, heatmaps=heatmaps, store=store)
         return JobResult(image=_run_edit(pipe, job, inputs, common))
+
+
+@contextlib.contextmanager
+def _concepts_loaded(pipe: Any, folder: str | None) -> Iterator[None]:
+    """The learned tokens and LoRA of a concept run in the shared pipeline for one job, taken out after (also on
+    errors), so the next job sees the model as it was."""
+    if folder is None:
+        yield
+        return
+    from attncontrol.concepts import load_concepts, unload_concepts
+
+    tokens = load_concepts(pipe, folder)
+    try:
+        yield
+    finally:
+        unload_concepts(pipe, tokens)
 
 
 def _run_regional(pipe: Any, job: Job, inputs: dict[str, Any], store: Any, call: dict[str, Any]) -> Image.Image:

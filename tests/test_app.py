@@ -132,6 +132,36 @@ def test_attention_maps_handler_gives_one_map_per_step(state):
         handlers.attention_maps(state, "shapes-sd", "a red circle", " ", 0, 3, 7.5, "")
 
 
+def test_concept_handlers_train_then_generate_with_the_tokens(state):
+    image, masks = handlers.sample_scene_masks(0)
+    editor = {"background": np.asarray(image), "layers": [layer(mask) for mask in masks]}
+    with pytest.raises(UserInputError, match="2 objects are painted but 1 class words"):
+        handlers.train_concepts(state, "shapes-sd", editor, "square", "painted", 2, 2, 0)
+    with pytest.raises(UserInputError, match="Paint each object"):
+        handlers.train_concepts(
+            state, "shapes-sd", {"background": np.asarray(image), "layers": []}, "", "painted", 2, 2, 0
+        )
+    folder, validation, shown_masks = handlers.train_concepts(
+        state, "shapes-sd", editor, "square, circle", "painted", 2, 2, 0
+    )
+    assert validation is not None and [caption for _, caption in shown_masks] == [
+        "<asset0> (painted)",
+        "<asset1> (painted)",
+    ]
+    with pytest.raises(UserInputError, match="Train concepts first"):
+        handlers.generate_concepts(state, "shapes-sd", "", "a photo of <asset0>", 0, 2, 5.0, "")
+    first = handlers.generate_concepts(state, "shapes-sd", folder, "a photo of <asset0>", 0, 2, 5.0, "")
+    # the tokens were loaded for that call only: the shared pipeline no longer knows them
+    assert "<asset0>" not in state.pipelines.get("shapes-sd").tokenizer.get_vocab()
+    sidecar = sorted(state.output_dir.glob("*concept-image*.json"))[-1]
+    job = json.loads(sidecar.read_text())["job"]
+    assert job["concepts"] == folder
+    from attncontrol.jobs import Job, run_job
+
+    again = run_job(Job.from_dict(job), state.pipelines).image
+    assert np.array_equal(np.asarray(again), np.asarray(first))
+
+
 def test_working_size_keeps_aspect_on_the_models_side(state):
     pipe = state.pipelines.get("shapes-sd")
     assert handlers.working_size(pipe, (512, 512)) == (64, 64)

@@ -292,20 +292,135 @@ def offset_to(editor: dict | None, point: tuple[float, float]) -> tuple[int, int
     return round(point[0] - float(xs.mean())), round(point[1] - float(ys.mean()))
 
 
+# ------------------------------------------------------------------------------------------------ concepts
+#: concepts the concept tab offers (one editor layer each)
+MAX_CONCEPTS = 4
+MASK_CHOICES = {"painted": "user", "from attention": "attention", "painted, refined by attention": "both"}
+
+
+def _square(image: Image.Image, side: int) -> Image.Image:
+    """Centre-crop to a square and resize to the model's side (concept training runs at the model's own size)."""
+    shortest = min(image.size)
+    left, top = (image.width - shortest) // 2, (image.height - shortest) // 2
+    return image.crop((left, top, left + shortest, top + shortest)).resize((side, side), Image.Resampling.LANCZOS)
+
+
+def train_concepts(
+    state: AppState,
+    model: str,
+    editor: dict | None,
+    initializers: str,
+    mask_choice: str,
+    phase1_steps: float,
+    phase2_steps: float,
+    seed: float,
+) -> tuple[str, Image.Image | None, list[tuple[Image.Image, str]]]:
+    """Learn one token per painted layer (or per initializer word, with masks from attention) from the image.
+
+    Returns the run folder (what :func:`generate_concepts` takes), the last validation picture and the masks used.
+    """
+    from attncontrol.concepts import default_tokens
+    from attncontrol.models import default_model
+    from attncontrol.training.concepts import Config
+    from attncontrol.training.concepts import train_concepts as run_training
+
+    image = _background(editor, "Image")
+    words = [word.strip() for word in (initializers or "").split(",") if word.strip()]
+    if mask_choice not in MASK_CHOICES:
+        raise UserInputError(f"Masks must be one of {list(MASK_CHOICES)}, got {mask_choice!r}")
+    source = MASK_CHOICES[mask_choice]
+    painted = [mask for mask in layer_masks(editor)[:MAX_CONCEPTS] if mask.any()]
+    if source != "attention" and not painted:
+        raise UserInputError("Paint each object on its own layer ('concept 1', 'concept 2', ...) first")
+    count = len(painted) if source != "attention" else len(words)
+    if count == 0:
+        raise UserInputError("Masks from attention need one class word per object (e.g. 'circle, square')")
+    if words and len(words) != count:
+        raise UserInputError(f"{count} objects are painted but {len(words)} class words are given: one per object")
+    if not 1 <= int(phase1_steps) + int(phase2_steps) <= 5000:
+        raise UserInputError("The training steps must add up to between 1 and 5000")
+    side = max(default_image_size(state.pipelines.get(model or None)))
+    stem = state.next_stem("concepts")
+    image_path = state.save_input(stem, "image", _square(image, side))
+    mask_paths = [
+        state.save_input(stem, f"mask{i}", _square(Image.fromarray(mask.astype(np.uint8) * 255), side))
+        for i, mask in enumerate(painted)
+    ]
+    out = state.output_dir / "concepts" / stem
+    config = Config(
+        out=str(out),
+        model=model or default_model(),
+        image=image_path,
+        masks=[] if source == "attention" else mask_paths,
+        mask_source=source,
+        num_concepts=count,
+        tokens=default_tokens(count),
+        initializers=words,
+        phase1_steps=int(phase1_steps),
+        phase2_steps=int(phase2_steps),
+        seed=int(seed),
+        validation_seeds=1,
+    )
+    with state.pipelines.lock:  # one heavy job at a time on this machine
+        try:
+            run_training(config)
+        except (AttnControlError, FileNotFoundError) as error:
+            raise UserInputError(str(error)) from error
+    validation = out / "validation" / "final.png"
+    masks = []
+    shown_masks = sorted((out / "masks").glob("*.png")) if (out / "masks").exists() else []
+    if shown_masks:
+        latest = shown_masks[-1].name.split("-")[1]
+        masks = [(Image.open(p), p.stem.split("-", 2)[-1]) for p in shown_masks if p.name.split("-")[1] == latest]
+    else:
+        masks = [(Image.open(p), f"{token} (painted)") for p, token in zip(mask_paths, config.tokens, strict=True)]
+    return str(out), Image.open(validation) if validation.exists() else None, masks
+
+
+def generate_concepts(
+    state: AppState,
+    model: str,
+    run_folder: str,
+    prompt: str,
+    seed: float,
+    steps: float,
+    guidance: float,
+    negative: str,
+) -> Image.Image:
+    """Generate with the tokens of a training run (loaded for the one call with the stock diffusers loaders)."""
+    _check_steps(steps)
+    if not run_folder or not (Path(run_folder) / "concepts.json").is_file():
+        raise UserInputError("Train concepts first (or give the folder of an earlier training run)")
+    if not (prompt or "").strip():
+        raise UserInputError("Type a prompt with the learned tokens, e.g. 'a photo of <asset0>'")
+    job = Job.from_dict(
+        {"prompt": prompt, "concepts": run_folder, **_common(model, seed, steps, guidance, negative)},
+        where="concepts",
+    )
+    return state.run(job, state.next_stem("concept-image")).image
+
+
 # ------------------------------------------------------------------------------------------------ samples
-def sample_scene(index: int = 0, display: int = 256) -> tuple[Image.Image, np.ndarray]:
-    """A rendered two-object shapes scene (scaled up for drawing on) and its first object's mask."""
+_SAMPLE_LAYOUTS = [
+    [("red", "square", 20, 22, 9), ("blue", "circle", 44, 42, 8)],
+    [("green", "triangle", 44, 24, 10), ("yellow", "circle", 20, 44, 8)],
+]
+
+
+def sample_scene_masks(index: int = 0, display: int = 256) -> tuple[Image.Image, list[np.ndarray]]:
+    """A rendered two-object shapes scene (scaled up for drawing on) and every object's mask."""
     from attncontrol.shapes.scenes import ObjectSpec, render
 
-    layouts = [
-        [ObjectSpec("red", "square", 20, 22, 9), ObjectSpec("blue", "circle", 44, 42, 8)],
-        [ObjectSpec("green", "triangle", 44, 24, 10), ObjectSpec("yellow", "circle", 20, 44, 8)],
-    ]
-    scene = render(layouts[index % len(layouts)], "white")
+    scene = render([ObjectSpec(*spec) for spec in _SAMPLE_LAYOUTS[index % len(_SAMPLE_LAYOUTS)]], "white")
     scale = display // scene.image.shape[0]
     image = Image.fromarray(scene.image).resize((display, display), Image.Resampling.NEAREST)
-    mask = np.kron(scene.objects[0].mask, np.ones((scale, scale), dtype=bool))
-    return image, mask
+    return image, [np.kron(obj.mask, np.ones((scale, scale), dtype=bool)) for obj in scene.objects]
+
+
+def sample_scene(index: int = 0, display: int = 256) -> tuple[Image.Image, np.ndarray]:
+    """A rendered two-object shapes scene (scaled up for drawing on) and its first object's mask."""
+    image, masks = sample_scene_masks(index, display)
+    return image, masks[0]
 
 
 def mask_layer(mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 255)) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from attncontrol.app import handlers
-from attncontrol.app.handlers import CANVAS_SIZE, MAX_REGIONS, AppState, UserInputError
+from attncontrol.app.handlers import CANVAS_SIZE, MAX_CONCEPTS, MAX_REGIONS, AppState, UserInputError
 from attncontrol.jobs import PipelineCache
 from attncontrol.models import available_models, default_model
 from attncontrol.pictures import strip
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REGION_COLORS = ["rgb(230, 60, 60)", "rgb(60, 110, 230)", "rgb(60, 180, 90)", "rgb(230, 170, 40)"]
+CONCEPT_COLORS_RGB = [(230, 60, 60), (60, 110, 230)]
 
 
 def _friendly(function: Callable) -> Callable:
@@ -113,6 +114,40 @@ def build_app(
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
         return shown(handlers.compose(state, model_name, background, reference, (x0, y0, x1, y1), prompt, seed, steps))
+
+    def run_train_concepts(
+        model_name,
+        editor,
+        initializers,
+        mask_choice,
+        phase1,
+        phase2,
+        seed,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008
+    ):
+        folder, validation, masks = handlers.train_concepts(
+            state, model_name, editor, initializers, mask_choice, phase1, phase2, seed
+        )
+        tokens = [caption.split(" ")[0] for _, caption in masks]
+        hint = f"a photo of {tokens[0]}" if tokens else ""
+        return folder, validation, [(shown(image), caption) for image, caption in masks], hint
+
+    def run_concept_image(
+        model_name,
+        folder,
+        prompt,
+        seed,
+        steps,
+        guidance,
+        negative,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008
+    ):
+        return shown(handlers.generate_concepts(state, model_name, folder, prompt, seed, steps, guidance, negative))
+
+    def sample_concepts() -> dict:
+        image, masks = handlers.sample_scene_masks(0)
+        layers = [handlers.mask_layer(mask, color) for mask, color in zip(masks, CONCEPT_COLORS_RGB, strict=True)]
+        return {"background": image, "layers": layers, "composite": None}
 
     def pick_target(editor: dict | None, event: gr.SelectData) -> tuple[int, int]:
         """Clicking the preview puts the object's centre there."""
@@ -266,6 +301,63 @@ def build_app(
                 [model_box, background, reference, x0, y0, x1, y1, compose_prompt, seed_box, compose_steps],
                 compose_out,
                 api_name="compose",
+            )
+
+        with gr.Tab("Concepts", id="concepts"):
+            gr.Markdown(
+                "Learn one new token per object of **one image** (Break-A-Scene), then use the tokens in prompts. "
+                "Paint each object on its own layer (**concept 1**, **concept 2**, ...), or let the model find them "
+                "from its attention (AttenCraft) given one class word per object. Training takes minutes on a CPU."
+            )
+            with gr.Row():
+                with gr.Column():
+                    concept_editor = gr.ImageEditor(
+                        sources=("upload", "clipboard"),
+                        transforms=(),
+                        layers=gr.LayerOptions(
+                            allow_additional_layers=False, layers=[f"concept {i + 1}" for i in range(MAX_CONCEPTS)]
+                        ),
+                        brush=gr.Brush(default_size=12, colors=REGION_COLORS, color_mode="defaults"),
+                        type="numpy",
+                        label="Image (paint each object on its own layer)",
+                        elem_id="concepts-canvas",
+                    )
+                    sample_concepts_button = gr.Button("Sample scene", size="sm", elem_id="concepts-sample")
+                    initializers = gr.Textbox(
+                        value="square, circle",
+                        label="Class word per object, comma-separated (starts each token; e.g. 'cat, dog')",
+                        elem_id="concepts-initializers",
+                    )
+                    mask_choice = gr.Radio(
+                        list(handlers.MASK_CHOICES), value="painted", label="Masks", elem_id="concepts-masks"
+                    )
+                    with gr.Accordion("Advanced", open=False):
+                        phase1 = gr.Slider(0, 2000, value=400, step=10, label="Phase 1 steps (token embeddings)")
+                        phase2 = gr.Slider(0, 2000, value=400, step=10, label="Phase 2 steps (LoRA + embeddings)")
+                    train_button = gr.Button("Train", variant="primary", elem_id="concepts-train")
+                with gr.Column():
+                    run_folder = gr.Textbox(label="Training run (folder)", elem_id="concepts-run")
+                    validation = gr.Image(label="Validation: input, each token, all together", type="pil")
+                    concept_masks = gr.Gallery(label="Masks used", columns=4, format="png")
+                    concept_prompt = gr.Textbox(label="Prompt with the tokens", elem_id="concepts-prompt")
+                    concept_button = gr.Button("Generate", variant="primary", elem_id="concepts-generate")
+                    concept_out = gr.Image(label="Result", type="pil", elem_id="concepts-result", format="png")
+                    with gr.Accordion("Advanced", open=False):
+                        concept_steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                        concept_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance scale")
+                        concept_negative = gr.Textbox(label="Negative prompt")
+            sample_concepts_button.click(sample_concepts, None, concept_editor, concurrency_limit=None)
+            train_button.click(
+                _friendly(run_train_concepts),
+                [model_box, concept_editor, initializers, mask_choice, phase1, phase2, seed_box],
+                [run_folder, validation, concept_masks, concept_prompt],
+                api_name="train_concepts",
+            )
+            concept_button.click(
+                _friendly(run_concept_image),
+                [model_box, run_folder, concept_prompt, seed_box, concept_steps, concept_guidance, concept_negative],
+                concept_out,
+                api_name="concept_image",
             )
 
         with gr.Tab("Attention maps", id="maps"):
