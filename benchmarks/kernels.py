@@ -19,7 +19,10 @@ Run on a GPU (results go to benchmarks/results/kernels-<device name>.json and .m
     python benchmarks/kernels.py --json            # forward; add --backward for forward + backward
 
 On a machine without CUDA it says so and exits; ``--smoke`` instead runs tiny shapes under the Triton interpreter
-on the CPU, to check that the script and every method run (its times mean nothing).
+on the CPU, to check that the script and every method run (its times mean nothing), and ``--compile-only [ARCH]``
+compiles every kernel variant for a GPU architecture (default sm_90) with Triton's own compiler and ptxas, no GPU
+needed: it catches what the interpreter lets through (illegal tile shapes, dtype errors) and reports each variant's
+shared memory against the architecture's per-block limit, trying the autotune configs in order until one fits.
 """
 
 from __future__ import annotations
@@ -115,6 +118,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-baselines", action="store_true", help="skip FlexAttention and NATTEN")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     parser.add_argument("--json", nargs="?", const="auto", default=None, help="write results (default path: auto)")
+    parser.add_argument(
+        "--compile-only",
+        nargs="?",
+        type=int,
+        const=90,
+        default=None,
+        metavar="ARCH",
+        help="compile the kernels for sm_ARCH without a GPU (default 90) and report shared memory",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["fp16", "bf16", "fp32"],
+        default=["fp16", "bf16"],
+        help="--compile-only: input dtypes (fp32 compiles slowly)",
+    )
+    parser.add_argument("--dims", type=int, nargs="+", default=[40, 64, 80, 128, 160], help="--compile-only: head dims")
+    parser.add_argument("--smem-limit", type=int, default=None, help="--compile-only: bytes of shared memory per block")
     return parser.parse_args(argv)
 
 
@@ -274,6 +295,102 @@ def masked_case(torch, F, case: dict, device: str, backward: bool, baselines: bo
     return methods, work
 
 
+# ------------------------------------------------------------------------------------------------ compile only
+#: CUDA's opt-in maximum of shared memory per block, by compute capability
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_FP32_POINTERS = {"state", "z", "den", "delta", "dstate", "dz", "lse", "tab", "dtab"}
+_INT_POINTERS = {"grp", "full", "full_count", "part", "part_count"}
+_FLOAT_SCALARS = {"inv_n", "eps", "qk_scale", "sm_scale", "R2"}
+
+
+def compile_variants(dtypes: list[str], dims: list[int], ops: list[str]) -> list[tuple]:
+    """(label, autotuned kernel, input dtype, constexprs) of every kernel variant the ops launch."""
+    from attncontrol.kernels._triton import pow2
+    from attncontrol.kernels.linear import triton as linear
+    from attncontrol.kernels.local import triton as local
+    from attncontrol.kernels.masked import triton as masked
+
+    variants = []
+    for dtype in dtypes:
+        low = dtype != "fp32"
+        if "linear" in ops:
+            for kernel in (linear._state_kernel, linear._output_kernel, linear._grad_state_kernel,
+                           linear._grad_query_kernel, linear._grad_key_kernel, linear._grad_value_kernel):  # fmt: skip
+                variants.append((f"linear {kernel.fn.__name__} {dtype}", kernel, dtype, {"FEATURE": 1, "LOWP": low}))
+        for block in sorted({pow2(dim, 16) for dim in dims}):
+            sizes = {"BLOCK_D": block, "BLOCK_DV": block, "LOWP": low}
+            if "masked" in ops:
+                for dq in (False, True):
+                    variants.append((f"masked rows dq={dq} D{block} {dtype}", masked._rows_kernel, dtype,
+                                     {**sizes, "HAS_BIAS": True, "DQ": dq}))  # fmt: skip
+                for table_grad in (False, True):
+                    variants.append((f"masked keys dtable={table_grad} D{block} {dtype}", masked._keys_kernel, dtype,
+                                     {**sizes, "HAS_BIAS": True, "TABLE_GRAD": table_grad, "BLOCK_G": 16}))  # fmt: skip
+            if "local" in ops:
+                tile_h, tile_w = local.default_tile((64, 64), block, 4 if dtype == "fp32" else 2)
+                tiles = {**sizes, "TH": tile_h, "TW": tile_w}
+                for image in (True, False):
+                    for dq in (False, True):
+                        variants.append((f"local queries image={image} dq={dq} D{block} {dtype}", local._query_kernel,
+                                         dtype, {**tiles, "IMAGE": image, "HAS_POOLED": True, "DQ": dq}))  # fmt: skip
+                for kind in (0, 1, 2):
+                    variants.append((f"local keys kind={kind} D{block} {dtype}", local._key_kernel, dtype,
+                                     {**tiles, "KIND": kind}))  # fmt: skip
+    return variants
+
+
+def compile_only(args: argparse.Namespace) -> int:
+    """Compile every variant for sm_ARCH; for each, the first autotune config (in preference order, pruned as at run
+    time) whose shared memory fits the limit. Exit status 1 if some variant has none."""
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch = args.compile_only
+    limit = args.smem_limit or SMEM_LIMITS.get(arch)
+    if limit is None:
+        print(f"no known shared-memory limit for sm_{arch}: pass --smem-limit", file=sys.stderr)
+        return 1
+    failures = 0
+    for label, kernel, dtype, constexprs in compile_variants(args.dtypes, args.dims, args.ops):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, {}, **constexprs)
+        fitted = None
+        for config in configs:
+            constants = {**constexprs, **config.kwargs}
+            signature = {}
+            for name in kernel.fn.arg_names:
+                base = name.removesuffix("_ptr")
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = (
+                        "*fp32" if base in _FP32_POINTERS else "*i32" if base in _INT_POINTERS else f"*{dtype}"
+                    )
+                else:
+                    signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            compiled = triton.compile(
+                ASTSource(fn=kernel.fn, signature=signature, constexprs=constants),
+                target=GPUTarget("cuda", arch, 32),
+                options=options,
+            )
+            shared = compiled.metadata.shared
+            if shared <= limit:
+                fitted = (config, shared)
+                break
+        if fitted is None:
+            failures += 1
+            print(f"FAIL {label}: no config fits {limit} bytes of shared memory", flush=True)
+        else:
+            config, shared = fitted
+            print(f"ok   {label}: {shared} bytes shared ({config})", flush=True)
+    print(f"sm_{arch}: {failures} variant(s) without a fitting config")
+    return 1 if failures else 0
+
+
 # ------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict:
     import torch
@@ -414,6 +531,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile_only is not None:
+        return compile_only(args)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (triton reads it at decoration)
     import torch

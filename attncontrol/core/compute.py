@@ -140,7 +140,9 @@ def _masked_kernel(
     if not isinstance(bias, GroupedBias):
         if kernel_backend == "auto":
             return None  # dense biases stay on SDPA unless a fused backend is asked for by name
-        bias = GroupedBias.rows(bias)
+        queries = query.shape[2]
+        per_key = bias.dim() < 2 or bias.shape[-2] == 1
+        bias = GroupedBias.key_bias(bias, queries) if per_key else GroupedBias.rows(bias)
     wants_grad = bias.requires_grad and torch.is_grad_enabled()
     if wants_grad and (chosen == "flex" or bias.num_groups > MAX_TABLE_GRAD_GROUPS):
         return None  # the explicit path returns the bias gradient

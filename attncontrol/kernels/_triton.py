@@ -10,6 +10,7 @@ accumulation; fp32 inputs use exact fp32 (``ieee``) products. Under the interpre
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -34,6 +35,14 @@ def lowp(dtype: torch.dtype) -> bool:
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune candidates: the GPU list, or one config under the interpreter (several fail there)."""
     return [interpreter] if INTERPRET else gpu
+
+
+def autotune(configs: list[triton.Config], key: list[str], **options: object):
+    """``triton.autotune`` keyed per shape; where this triton can (>= 3.2), the chosen config is also kept in its
+    on-disk cache, so a new process does not tune the same shape again."""
+    if not INTERPRET and "cache_results" in inspect.signature(triton.autotune).parameters:
+        options.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **options)
 
 
 def pow2(value: int, minimum: int = 16) -> int:

@@ -81,6 +81,16 @@ def test_attention_routes_grouped_biases_with_the_same_result(kernel_backend):
     assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
 
 
+def test_dense_biases_take_the_kernel_when_it_is_named():
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=generator) for n in (6, 5, 5))
+    for bias in (torch.randn(2, 1, 6, 5, generator=generator), torch.randn(2, 1, 1, 5, generator=generator)):
+        expected = attention(q, k, v, bias=bias, probs_hook=lambda p: p)
+        torch.testing.assert_close(
+            attention(q, k, v, bias=bias, kernel_backend="triton"), expected, atol=2e-6, rtol=2e-5
+        )
+
+
 def test_table_gradient_through_the_kernel_matches_the_explicit_path():
     generator = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, n, 16, generator=generator) for n in (6, 5, 5))

@@ -13,7 +13,7 @@ from attncontrol.kernels.local import (
     local_window_mask,
     window_mask,
 )
-from attncontrol.kernels.local.triton import default_tile, tile_schedule
+from attncontrol.kernels.local.triton import GPU_TILE_TOKENS, default_tile, tile_schedule
 from tests.kernels.common import DTYPES, assert_close, grads, leaf
 
 # (batch, grid, text tokens, text first, radius, pooled keys, heads, dim, dtype, [B, H, S, D] storage)
@@ -129,8 +129,10 @@ def test_full_mask_rules():
 def test_default_tiles_are_gpu_legal_shapes():
     for grid in [(64, 64), (3, 9), (1, 13), (256, 256)]:
         for dim in (40, 64, 128, 160):
-            height, width = default_tile(grid, dim)
-            assert height * width >= 16 and width & (width - 1) == 0 and height & (height - 1) == 0
+            for size in (2, 4):
+                height, width = default_tile(grid, dim, size)
+                assert height * width >= 16 and width & (width - 1) == 0 and height & (height - 1) == 0
+    assert all(tokens >= 16 for tokens in GPU_TILE_TOKENS.values())
 
 
 def test_bad_arguments_are_named():

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attncontrol.kernels._triton import INTERPRET, last_dim_contiguous, lowp, mm32, pick_configs, row_strides
+from attncontrol.kernels._triton import INTERPRET, autotune, last_dim_contiguous, lowp, mm32, pick_configs, row_strides
 from attncontrol.kernels.linear.reference import check_feature_map
 
 FEATURE_CODES = {"identity": 0, "elu": 1}
@@ -53,7 +53,7 @@ def _dphi(x, FEATURE: tl.constexpr):
     return tl.full(x.shape, 1.0, tl.float32)
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_REDUCTION_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _state_kernel(
     k_ptr, v_ptr, state_ptr, z_ptr,
@@ -101,7 +101,7 @@ def _state_kernel(
         tl.store(z_ptr + part * D + offs_k, zsum * inv_n, mask=offs_k < D)
 
 
-@triton.autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _output_kernel(
     q_ptr, state_ptr, z_ptr, o_ptr, den_ptr,
@@ -144,7 +144,7 @@ def _output_kernel(
         tl.store(den_ptr + bh.to(tl.int64) * S + offs_s, den, mask=rows)
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_REDUCTION_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _grad_state_kernel(
     q_ptr, do_ptr, den_ptr, delta_ptr, dstate_ptr, dz_ptr,
@@ -190,7 +190,7 @@ def _grad_state_kernel(
         tl.store(dz_ptr + part * D + offs_k, dz, mask=offs_k < D)
 
 
-@triton.autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _grad_query_kernel(
     q_ptr, do_ptr, den_ptr, delta_ptr, state_ptr, z_ptr, dq_ptr,
@@ -232,7 +232,7 @@ def _grad_query_kernel(
     )
 
 
-@triton.autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _grad_key_kernel(
     k_ptr, v_ptr, dstate_ptr, dz_ptr, dk_ptr,
@@ -272,7 +272,7 @@ def _grad_key_kernel(
     )
 
 
-@triton.autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
+@autotune(configs=_TOKEN_CONFIGS, key=["S", "D", "DV"])
 @triton.jit
 def _grad_value_kernel(
     k_ptr, dstate_ptr, dv_ptr,

@@ -23,6 +23,7 @@ import triton.language as tl
 from attncontrol.kernels._triton import (
     INTERPRET,
     LOG2E,
+    autotune,
     finish_rows,
     kv_step,
     last_dim_contiguous,
@@ -43,10 +44,18 @@ _CONFIGS = pick_configs(
 )
 
 
-def default_tile(grid: tuple[int, int], head_dim: int) -> tuple[int, int]:
-    """``(TH, TW)`` of a tile: 128 tokens (64 for heads wider than 64), at most 16 columns wide, narrower on narrow
-    grids so that tiles are not mostly padding."""
-    tokens = INTERPRETER_TILE_TOKENS if INTERPRET else (128 if head_dim <= 64 else 64)
+#: tokens per GPU tile by (element size, padded head dim): the tiles' shared memory stays under the ~227 KB of an
+#: H100 block (measured by compiling the kernels for sm_90: fp32 at 128 tokens x 64 dims needs ~262 KB for dQ)
+GPU_TILE_TOKENS = {(2, 64): 128, (2, 128): 64, (2, 256): 64, (4, 64): 64, (4, 128): 32, (4, 256): 16}
+
+
+def default_tile(grid: tuple[int, int], head_dim: int, element_size: int = 2) -> tuple[int, int]:
+    """``(TH, TW)`` of a tile: 128 tokens for fp16/bf16 heads up to 64 wide, fewer for wider heads and fp32 (see
+    ``GPU_TILE_TOKENS``), at most 16 columns wide and narrower on narrow grids so tiles are not mostly padding."""
+    if INTERPRET:
+        tokens = INTERPRETER_TILE_TOKENS
+    else:
+        tokens = GPU_TILE_TOKENS[(min(4, max(2, element_size)), max(64, pow2(head_dim)))]
     width = min(triton.next_power_of_2(grid[1]), 4 if INTERPRET else 16, tokens)
     return tokens // width, width
 
@@ -148,7 +157,7 @@ def _dense_queries(
     return dk, dv
 
 
-@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "IMAGE", "DQ"])
+@autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "IMAGE", "DQ"])
 @triton.jit
 def _query_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, out_ptr, lse_ptr, delta_ptr,
@@ -245,7 +254,7 @@ def _query_kernel(
         tl.store(lse_ptr + row_ptr, lse, mask=rows)
 
 
-@triton.autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "KIND"])
+@autotune(configs=_CONFIGS, key=["S", "P", "BLOCK_D", "BLOCK_DV", "TH", "TW", "KIND"])
 @triton.jit
 def _key_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -449,7 +458,7 @@ def local_window_attention_triton(
     tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Triton local-window attention on ``[B, S, H, D]`` (arguments checked by the caller)."""
-    tile = tuple(tile) if tile is not None else default_tile(grid, query.shape[-1])
+    tile = tuple(tile) if tile is not None else default_tile(grid, query.shape[-1], query.element_size())
     if tile[0] * tile[1] < 16 or tile[0] * tile[1] & (tile[0] * tile[1] - 1) or tile[1] & (tile[1] - 1):
         raise ValueError(f"`tile` must be (rows, columns) powers of two with at least 16 cells, got {tile}")
     query, key, value = (last_dim_contiguous(t) for t in (query, key, value))

@@ -17,6 +17,7 @@ import triton.language as tl
 from attncontrol.kernels._triton import (
     LOG2E,
     LOG2E_C,
+    autotune,
     finish_rows,
     flash_configs,
     kv_step,
@@ -34,7 +35,7 @@ _CONFIGS = flash_configs()
 _PRUNE = {"early_config_prune": prune_flash_configs}
 
 
-@triton.autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "DQ"], prune_configs_by=_PRUNE)
+@autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "DQ"], prune_configs_by=_PRUNE)
 @triton.jit
 def _rows_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, grp_ptr, tab_ptr, out_ptr, lse_ptr, delta_ptr,
@@ -111,9 +112,7 @@ def _rows_kernel(
         tl.store(lse_ptr + row_ptr, lse, mask=rows)
 
 
-@triton.autotune(
-    configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "TABLE_GRAD"], prune_configs_by=_PRUNE
-)
+@autotune(configs=_CONFIGS, key=["SQ", "SK", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "TABLE_GRAD"], prune_configs_by=_PRUNE)
 @triton.jit
 def _keys_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, grp_ptr, tab_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dtab_ptr,
