@@ -76,6 +76,7 @@ class Config:
     image: str = ""
     masks: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)  # default <asset0>, <asset1>, ...
+    num_vectors: int = 1  # embedding vectors per token (diffusers' multi-vector textual inversion)
     initializers: list[str] = field(default_factory=list)  # a word or phrase per token; empty: rows of the table
     mask_source: str = "user"
     num_concepts: int = 0  # with --mask-source attention and neither masks nor tokens
@@ -154,6 +155,8 @@ def check_config(config: Config) -> None:
         raise ConceptError("`--phase1-steps` and `--phase2-steps` must be >= 0 and not both 0")
     if config.lora_rank <= 0 and config.phase2_steps and not config.full_finetune:
         raise ConceptError(f"`--lora-rank` must be positive, got {config.lora_rank}")
+    if not 1 <= config.num_vectors <= 16:
+        raise ConceptError(f"`--num-vectors` must be between 1 and 16, got {config.num_vectors}")
     if config.gradient_accumulation_steps < 1:
         raise ConceptError("`--gradient-accumulation-steps` must be >= 1")
     if config.prior_images and not config.prior_prompt:
@@ -169,31 +172,42 @@ def _text_pairs(pipe: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def add_tokens(pipe: Any, tokens: list[str], initializers: list[str]) -> list[list[int]]:
-    """Add ``tokens`` to every tokenizer, grow the embedding tables and start each new row from its initializer
-    (the mean embedding of the initializer's tokens; without one, from rows near the end of the table, as
-    Break-A-Scene does). Returns the new ids per text encoder."""
+def vector_tokens(token: str, count: int) -> list[str]:
+    """The strings of a token's vectors, named as diffusers' multi-vector textual inversion names them (``<asset0>``,
+    ``<asset0>_1``, ...): ``load_textual_inversion`` adds them all and expands the token in prompts."""
+    return [token] + [f"{token}_{index}" for index in range(1, count)]
+
+
+def add_tokens(pipe: Any, tokens: list[str], initializers: list[str], num_vectors: int = 1) -> list[list[int]]:
+    """Add ``tokens`` (each as ``num_vectors`` vectors) to every tokenizer, grow the embedding tables and start each
+    new row from its initializer: with as many sub-tokens as vectors, one each (``"red circle"`` for two vectors),
+    else their mean; without an initializer, rows near the end of the table, as Break-A-Scene does.
+
+    Returns the new ids per text encoder, concept-major (concept i's vectors are ``ids[i * n : (i + 1) * n]``).
+    """
     if initializers and len(initializers) != len(tokens):
         raise ConceptError(f"{len(initializers)} `--initializers` for {len(tokens)} tokens: give one per token")
+    strings = [vector for token in tokens for vector in vector_tokens(token, num_vectors)]
     all_ids = []
     for tokenizer, encoder in _text_pairs(pipe):
-        added = tokenizer.add_tokens(tokens)
-        if added != len(tokens):
-            raise ConceptError(f"only {added} of the tokens {tokens} could be added to the tokenizer")
-        ids = tokenizer.convert_tokens_to_ids(tokens)
+        added = tokenizer.add_tokens(strings)
+        if added != len(strings):
+            raise ConceptError(f"only {added} of the tokens {strings} could be added to the tokenizer")
+        ids = tokenizer.convert_tokens_to_ids(strings)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = encoder.get_input_embeddings().weight
         with torch.no_grad():
             for index, token_id in enumerate(ids):
+                concept, vector = divmod(index, num_vectors)
                 if initializers:
-                    source = tokenizer(initializers[index], add_special_tokens=False).input_ids
+                    source = tokenizer(initializers[concept], add_special_tokens=False).input_ids
                     if not source:
-                        raise ConceptError(f"`--initializers` entry {initializers[index]!r} encodes to no tokens")
-                    table[token_id] = table[source].mean(0)
+                        raise ConceptError(f"`--initializers` entry {initializers[concept]!r} encodes to no tokens")
+                    table[token_id] = table[source[vector]] if len(source) == num_vectors else table[source].mean(0)
                 else:
-                    table[token_id] = table[-3 * len(tokens) + index - 1]
-            encoded = tokenizer(concept_prompt(tokens), add_special_tokens=False).input_ids
-            for token, token_id in zip(tokens, ids, strict=True):
+                    table[token_id] = table[-3 * len(strings) + index - 1]
+            encoded = tokenizer(" ".join(strings), add_special_tokens=False).input_ids
+            for token, token_id in zip(strings, ids, strict=True):
                 if encoded.count(token_id) != 1:
                     raise ConceptError(f"the tokenizer does not keep {token!r} as one token")
         all_ids.append(list(ids))
@@ -352,7 +366,7 @@ class ConceptTrainer:
         for module in (self.pipe.unet, self.pipe.vae, *[e for _, e in _text_pairs(self.pipe)]):
             module.requires_grad_(False).eval()
         self.prior_latents = self._prior_latents()
-        self.token_ids = add_tokens(self.pipe, self.tokens, config.initializers)
+        self.token_ids = add_tokens(self.pipe, self.tokens, config.initializers, config.num_vectors)
         if config.phase2_steps and not config.full_finetune:
             add_lora(self.pipe, config)
         self.embeddings = []
@@ -526,9 +540,13 @@ class ConceptTrainer:
         return torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
     def _positions(self, prompt: str, token: str) -> list[int]:
+        """Where ``token``'s vectors sit in the encoded prompt (after diffusers expands multi-vector tokens)."""
         from attncontrol.core.tokens import token_indices
 
-        return token_indices(self.pipe.tokenizer, prompt, token, name="tokens")
+        expanded = self.pipe.maybe_convert_prompt(prompt, self.pipe.tokenizer)
+        return token_indices(
+            self.pipe.tokenizer, expanded, vector_tokens(token, self.config.num_vectors), name="tokens"
+        )
 
     def _token_maps(self, store: Any, prompt: str, subset: list[int], row: int) -> torch.Tensor:
         """Cross-attention of each sampled token on the loss grid: mean over the down/up layers at that grid."""
@@ -742,8 +760,16 @@ class ConceptTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         files = []
         for index, token in enumerate(self.tokens):
-            rows = [table.detach()[index].float().cpu().contiguous() for table in self.rows]
-            state = {token: rows[0]} if len(rows) == 1 else {"clip_l": rows[0][None], "clip_g": rows[1][None]}
+            count = self.config.num_vectors
+            rows = [table.detach()[index * count : (index + 1) * count].float().cpu() for table in self.rows]
+            rows = [row[0] if count == 1 else row for row in rows]  # one vector: [dim], as single-vector files are
+            if len(rows) == 1:
+                state = {token: rows[0].contiguous()}
+            else:
+                state = {
+                    "clip_l": rows[0].reshape(count, -1).contiguous(),
+                    "clip_g": rows[1].reshape(count, -1).contiguous(),
+                }
             name = f"learned_embeds/{safe_name(token)}.safetensors"
             save_file(state, str(self.out / name))
             files.append(name)
@@ -771,6 +797,7 @@ class ConceptTrainer:
             "embeddings": files,
             "lora": lora,
             "full_finetune": self.config.full_finetune,
+            "num_vectors": self.config.num_vectors,
             "mask_source": self.config.mask_source,
             "size": list(self.size),
             "steps": self.step,

@@ -207,11 +207,11 @@ def _generate(pipe, prompt):
     ).images
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_trained_files_reload_in_a_fresh_pipeline(tiny_models, tmp_path, family):
+@pytest.mark.parametrize(("family", "vectors"), [("sd", 1), ("sdxl", 2)])
+def test_trained_files_reload_in_a_fresh_pipeline(tiny_models, tmp_path, family, vectors):
     from diffusers import DiffusionPipeline
 
-    config = _config(tmp_path, tiny_models / family, validation_seeds=1, validation_steps=2)
+    config = _config(tmp_path, tiny_models / family, validation_seeds=1, validation_steps=2, num_vectors=vectors)
     trained = train_concepts(config)
     out = trained.out
     manifest = json.loads((out / "concepts.json").read_text())
@@ -225,6 +225,8 @@ def test_trained_files_reload_in_a_fresh_pipeline(tiny_models, tmp_path, family)
     before = _generate(fresh, "a red circle")
     tokens = load_concepts(fresh, out)
     assert tokens == trained.tokens
+    if vectors > 1:  # diffusers expands a multi-vector token in prompts
+        assert fresh.maybe_convert_prompt("a <asset0>", fresh.tokenizer) == "a <asset0> <asset0>_1"
     actual = _generate(fresh, prompt)
     assert np.abs(actual - expected).max() <= 1e-5
     # the LoRA changed the model (so the comparison above is not vacuous), and unloading takes it out again
