@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -849,6 +850,9 @@ class ConceptTrainer:
         metrics = {"steps": self.step, "minutes": minutes, "history": self.history, "masks": self.mask_log}
         self.validate("final")
         self.export(metrics)
+        dump = os.environ.get("ATTNCONTROL_DUMP_ROWS")
+        if dump:  # tests: every process's final token rows, to check that processes trained in step
+            torch.save(self.rows[0].detach().cpu(), Path(dump) / f"rows-{self.accelerator.process_index}.pt")
         self.merge_embeddings()
         return metrics
 
@@ -864,7 +868,8 @@ def train_concepts(config: Config, resume: bool = False) -> TrainedConcepts:
     from accelerate import Accelerator
 
     check_config(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # cpu=True on a machine without CUDA: `accelerate launch` then runs the processes on the CPU over gloo
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))

@@ -279,3 +279,27 @@ def test_attention_loss_moves_token_maps_towards_masks(tiny_models, tmp_path):
     before = attention_loss()
     trainer.run()
     assert attention_loss() < 0.9 * before
+
+
+def test_two_processes_train_in_step(tiny_models, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): gradients are averaged across processes, so both end with
+    the same weights although each draws its own noise; the main process exports."""
+    import os
+    import subprocess
+    import sys
+
+    image, masks = _scene_files(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ATTNCONTROL_DUMP_ROWS": str(tmp_path)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+        "-m", "attncontrol.training.concepts", "--model", str(tiny_models / "sd"), "--image", str(image),
+        "--masks", *masks, "--initializers", "circle", "square", "--phase1-steps", "2", "--phase2-steps", "2",
+        "--validation-seeds", "0", "--out", str(out),
+    ]  # fmt: skip
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads((out / "concepts.json").read_text())["steps"] == 4
+    rows = [torch.load(tmp_path / f"rows-{rank}.pt") for rank in range(2)]
+    assert torch.equal(rows[0], rows[1])
