@@ -199,13 +199,23 @@ def cross_attention_loss(token_maps: torch.Tensor, masks: torch.Tensor, kind: st
     raise ValueError(f"`kind` must be 'mse' or 'jsd', got {kind!r}")
 
 
-def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Break-A-Scene's masked loss: the mean over the whole latent of ``(mask * (prediction - target))**2``.
+def masked_diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, mean_over: str = "image"
+) -> torch.Tensor:
+    """The diffusion loss where ``mask`` (``[B, 1, h, w]`` at the latent's size) is set; outside it the model is
+    free (the background and any object the prompt does not name are not learned).
 
-    ``mask`` is ``[B, 1, h, w]`` at the latent's size; outside it the model is free (the background and any object
-    not in the prompt are not learned).
+    ``mean_over="image"``: Break-A-Scene's mean over the whole latent of ``(mask * (prediction - target))**2``, so a
+    small object weighs little; ``"mask"``: AttenCraft's mean over the masked elements only, so every object's
+    pixels weigh as much as an unmasked loss's.
     """
-    return F.mse_loss((prediction * mask).float(), (target * mask).float())
+    squared = ((prediction.float() - target.float()) * mask) ** 2
+    if mean_over == "image":
+        return squared.mean()
+    if mean_over == "mask":
+        covered = mask.expand_as(squared).sum().clamp_min(1.0)
+        return squared.sum() / covered
+    raise ValueError(f"`mean_over` must be 'image' or 'mask', got {mean_over!r}")
 
 
 def masks_at(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

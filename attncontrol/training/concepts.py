@@ -95,6 +95,7 @@ class Config:
     train_text_encoder: bool = False
     full_finetune: bool = False
     masked_loss: bool = True
+    masked_loss_mean: str = "image"  # "image": Break-A-Scene's mean over the latent; "mask": over the masked pixels
     attention_loss: str = "mse"
     attention_weight: float = 1e-2
     attention_grid: int = 0  # side of the cross-attention grid the loss uses; 0: the largest <= 16
@@ -140,6 +141,7 @@ def check_config(config: Config) -> None:
         "sampling": SAMPLINGS,
         "attention_loss": ATTENTION_LOSSES,
         "mask_method": MASK_METHODS,
+        "masked_loss_mean": ("image", "mask"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -600,7 +602,7 @@ class ConceptTrainer:
         union = masks.amax(0)[None, None].to(self.device)
         union = F.interpolate(union, size=self.latent_grid, mode="nearest")
         if config.masked_loss:
-            diffusion = masked_diffusion_loss(prediction[row:], target[row:], union)
+            diffusion = masked_diffusion_loss(prediction[row:], target[row:], union, mean_over=config.masked_loss_mean)
         else:
             diffusion = F.mse_loss(prediction[row:].float(), target[row:].float())
         loss = diffusion

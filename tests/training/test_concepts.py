@@ -61,6 +61,8 @@ def test_masked_diffusion_loss_ignores_what_the_mask_leaves_out():
     assert float(masked_diffusion_loss(prediction, target, mask)) == 0.0
     target[..., 0, 0] = 2.0
     assert float(masked_diffusion_loss(prediction, target, mask)) == pytest.approx(4 * 4.0 / target.numel())
+    # AttenCraft's mean over the masked elements: the same error, counted against the 4 x 32 masked elements only
+    assert float(masked_diffusion_loss(prediction, target, mask, mean_over="mask")) == pytest.approx(16.0 / 128)
 
 
 # ------------------------------------------------------------------------------------------------ masks from attention
