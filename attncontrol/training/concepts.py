@@ -64,7 +64,7 @@ from attncontrol.training.common import load_checkpoint, parse_config, rng_state
 logger = logging.getLogger("attncontrol.training.concepts")
 
 MASK_SOURCES = ("user", "attention", "both")
-SAMPLINGS = ("union", "attencraft")
+SAMPLINGS = ("union", "attencraft", "single")
 ATTENTION_LOSSES = ("mse", "jsd", "none")
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -434,6 +434,8 @@ class ConceptTrainer:
             if choice == count or refresh:
                 return torch.randperm(count, generator=self.generator).tolist()
             return [choice]
+        if self.config.sampling == "single":
+            return [int(torch.randint(0, count, (1,), generator=self.generator))]
         size = int(torch.randint(1, count + 1, (1,), generator=self.generator))
         return torch.randperm(count, generator=self.generator)[:size].tolist()
 
