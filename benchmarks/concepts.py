@@ -7,7 +7,8 @@ Methods (``attncontrol.shapes.concept_bench.METHODS``): ``user-masks`` (Break-A-
 intervals and the training minutes; writes a JSON of every sample and the sample images under ``--out``.
 
 Run: python benchmarks/concepts.py [--scenes 6] [--samples 16] [--methods user-masks attention-masks ...]
-     [--phase1-steps 400 --phase2-steps 400] [--set lora_rank=8 ...] [--json benchmarks/results/concepts-cpu.json]
+     [--phase1-steps 400 --phase2-steps 400] [--set lora_rank=8 ...] [--tag NAME] [--json report.json]
+     python benchmarks/concepts.py --merge a.json b.json --json benchmarks/results/concepts-shapes-sd-cpu.json
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/concept-bench")
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="label the methods' rows, e.g. --tag 'paper defaults'")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine these JSON reports; train nothing")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
@@ -80,47 +86,65 @@ def main() -> None:
                 flush=True,
             )
 
-    lines = [
+    label = f"{{}} ({args.tag})" if args.tag else "{}"
+    cases = [dict(r.to_json(), method=label.format(r.method)) for r in results]
+    header = (
         f"Concept bench on {args.model}: {len(scenes)} two-object scenes x 2 tokens x {args.samples} samples "
-        f"({args.steps} sampling steps); training {base.phase1_steps} + {base.phase2_steps} steps; "
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "",
-        "| method | token i drawn, other not | 95% CI | worst token | both tokens drawn | train min (mean / max) |",
-        "|---|---:|---|---:|---:|---:|",
-    ]
+        f"({args.steps} sampling steps); training {base.phase1_steps} + {base.phase2_steps} steps"
+        + (f", {' '.join(args.set)}" if args.set else "")
+        + f"; {platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    report = {"header": [header], "rows": summarize(cases), "cases": cases, "config": base.__dict__}
+    write_report(report, args.json)
+
+
+def summarize(cases: list[dict]) -> list[dict]:
+    """One row per method label: token successes over all scenes, the worst token, joint successes, minutes."""
     rows = []
-    for method in args.methods:
-        mine = [r for r in results if r.method == method]
-        hits = sum(sum(r.token_successes) for r in mine)
-        total = sum(len(r.token_successes) * r.samples for r in mine)
-        worst = min(min(r.token_successes) / r.samples for r in mine)
-        joint = sum(r.joint_successes for r in mine)
-        joint_total = sum(r.samples for r in mine)
-        minutes = [r.train_minutes for r in mine]
-        low, high = wilson_interval(hits, total)
-        lines.append(
-            f"| {method} | {hits}/{total} ({hits / total:.1%}) | {low:.1%} - {high:.1%} | {worst:.0%} | "
-            f"{joint}/{joint_total} ({joint / joint_total:.1%}) | {sum(minutes) / len(minutes):.1f} / "
-            f"{max(minutes):.1f} |"
-        )
+    for method in dict.fromkeys(case["method"] for case in cases):
+        mine = [case for case in cases if case["method"] == method]
         rows.append(
             {
                 "method": method,
-                "successes": hits,
-                "total": total,
-                "worst_token": worst,
-                "joint": joint,
-                "joint_total": joint_total,
-                "minutes": minutes,
+                "successes": sum(sum(case["token_successes"]) for case in mine),
+                "total": sum(len(case["token_successes"]) * case["samples"] for case in mine),
+                "worst_token": min(min(case["token_successes"]) / case["samples"] for case in mine),
+                "joint": sum(case["joint_successes"] for case in mine),
+                "joint_total": sum(case["samples"] for case in mine),
+                "minutes": [case["train_minutes"] for case in mine],
             }
+        )
+    return rows
+
+
+def write_report(report: dict, json_path: str | None) -> None:
+    """Print the markdown table (Wilson 95% intervals) and, with ``json_path``, save it and the JSON beside it."""
+    lines = [*report["header"], ""]
+    lines += [
+        "| method | token i drawn, other not | 95% CI | worst token | both tokens drawn | train min (mean / max) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        hits, total, minutes = row["successes"], row["total"], row["minutes"]
+        low, high = wilson_interval(hits, total)
+        lines.append(
+            f"| {row['method']} | {hits}/{total} ({hits / total:.1%}) | {low:.1%} - {high:.1%} | "
+            f"{row['worst_token']:.0%} | {row['joint']}/{row['joint_total']} ({row['joint'] / row['joint_total']:.1%}) "
+            f"| {sum(minutes) / len(minutes):.1f} / {max(minutes):.1f} |"
         )
     text = "\n".join(lines)
     print(text)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "cases": [r.to_json() for r in results], "config": base.__dict__}, indent=2)
-        )
-        Path(args.json).with_suffix(".md").write_text(text + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        Path(json_path).with_suffix(".md").write_text(text + "\n")
+
+
+def merge(paths: list[str], json_path: str | None) -> None:
+    """Combine reports of runs made in parallel (e.g. one process per method) into one table."""
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    cases = [case for report in reports for case in report["cases"]]
+    header = list(dict.fromkeys(line for report in reports for line in report.get("header", [])))
+    write_report({"header": header, "rows": summarize(cases), "cases": cases, "sources": paths}, json_path)
 
 
 if __name__ == "__main__":

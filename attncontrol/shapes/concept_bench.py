@@ -155,6 +155,9 @@ def run_concept_case(
 
     image, masks = save_case_inputs(scene, folder / "inputs")
     changes = dict(METHODS[method])
+    if changes.get("phase2_steps") == 0:
+        # Same budget: textual inversion spends phase 2's steps on the embeddings too.
+        changes["phase1_steps"] = base.phase1_steps + base.phase2_steps
     use_masks = changes.get("mask_source", "user") != "attention"
     config = replace(
         base,
