@@ -135,7 +135,17 @@ def score_concepts(
                     image_folder.mkdir(parents=True, exist_ok=True)
                     image.save(image_folder / name)
                 details.append(
-                    {"prompt": prompt, "seed": sample_seed, "success": ok, "detected": [asdict(d) for d in detected]}
+                    {
+                        "prompt": prompt,
+                        "seed": sample_seed,
+                        "image": name,
+                        "success": ok,
+                        # What the detector read, compactly: "colour shape @ (x, y) area".
+                        "detected": [
+                            f"{d.color} {d.shape} @ ({d.centroid[0]:.0f}, {d.centroid[1]:.0f}) {d.area}"
+                            for d in detected
+                        ],
+                    }
                 )
     return successes, joint, details
 
