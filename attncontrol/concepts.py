@@ -287,8 +287,9 @@ def attention_masks(
             competing as a class of its own; ``None``: concepts only.
 
     ``"cluster"`` is the default because on the shipped shapes model the start token is not a background map and
-    token maps are too diffuse for the margin rule: on 16 rendered two-object scenes the matched masks reach a mean
-    IoU of 0.66 with it against 0.28 with ``"propagate"`` (``tests/training/test_concepts.py`` checks one scene).
+    token maps are too diffuse for the margin rule: on 16 rendered two-object scenes the found masks reach a mean
+    IoU of 0.60 with it against 0.10 with ``"propagate"`` (``benchmarks/concept_masks.py``;
+    ``tests/training/test_concepts.py`` checks one scene).
     """
     count, height, width = token_maps.shape
     if self_maps.shape != (height * width, height * width):
