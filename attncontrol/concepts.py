@@ -353,6 +353,16 @@ def save_mask_images(masks: torch.Tensor, tokens: Sequence[str], folder: Path, s
         Image.fromarray((plane.numpy() * 255).astype(np.uint8)).save(folder / name)
 
 
+def latest_mask_images(folder: str | Path) -> list[Path]:
+    """The newest set of masks :func:`save_mask_images` wrote under ``folder`` with ``step-NNNNN`` tags (what the
+    training used last; one PNG per concept), or ``[]`` when none was saved."""
+    found = sorted(Path(folder).glob("step-*-*.png"))
+    if not found:
+        return []
+    latest = found[-1].name.split("-")[1]
+    return [path for path in found if path.name.split("-")[1] == latest]
+
+
 def safe_name(token: str) -> str:
     """A file-name-safe form of a token string (``<asset0>`` -> ``asset0``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "token"
@@ -415,6 +425,7 @@ __all__ = [
     "concept_prompt",
     "cross_attention_loss",
     "default_tokens",
+    "latest_mask_images",
     "load_concepts",
     "mask_ssim",
     "masked_diffusion_loss",

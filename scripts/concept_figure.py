@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from attncontrol.concepts import latest_mask_images
 from attncontrol.pictures import strip
 
 
@@ -24,11 +25,7 @@ def masks_of(case: Path) -> list[Path]:
     config = json.loads((case / "run" / "config.json").read_text())
     if not config["masked_loss"] and config["attention_loss"] == "none":
         return []
-    found = sorted((case / "run" / "masks").glob("step-*-asset*.png"))
-    if found:
-        last_step = found[-1].name.split("-")[1]
-        return sorted(p for p in found if p.name.split("-")[1] == last_step)
-    return sorted((case / "inputs").glob("mask*.png"))
+    return latest_mask_images(case / "run" / "masks") or sorted((case / "inputs").glob("mask*.png"))
 
 
 def row(case: Path, samples: int) -> Image.Image:

@@ -319,7 +319,7 @@ def train_concepts(
 
     Returns the run folder (what :func:`generate_concepts` takes), the last validation picture and the masks used.
     """
-    from attncontrol.concepts import default_tokens
+    from attncontrol.concepts import default_tokens, latest_mask_images
     from attncontrol.models import default_model
     from attncontrol.training.concepts import Config
     from attncontrol.training.concepts import train_concepts as run_training
@@ -367,11 +367,9 @@ def train_concepts(
         except (AttnControlError, FileNotFoundError) as error:
             raise UserInputError(str(error)) from error
     validation = out / "validation" / "final.png"
-    masks = []
-    shown_masks = sorted((out / "masks").glob("*.png")) if (out / "masks").exists() else []
-    if shown_masks:
-        latest = shown_masks[-1].name.split("-")[1]
-        masks = [(Image.open(p), p.stem.split("-", 2)[-1]) for p in shown_masks if p.name.split("-")[1] == latest]
+    found = latest_mask_images(out / "masks")
+    if found:
+        masks = [(Image.open(p), p.stem.split("-", 2)[-1]) for p in found]
     else:
         masks = [(Image.open(p), f"{token} (painted)") for p, token in zip(mask_paths, config.tokens, strict=True)]
     return str(out), Image.open(validation) if validation.exists() else None, masks

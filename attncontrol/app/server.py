@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 # Gradio would otherwise phone home on start; this machine's users (and CI) have no internet.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-REGION_COLORS = ["rgb(230, 60, 60)", "rgb(60, 110, 230)", "rgb(60, 180, 90)", "rgb(230, 170, 40)"]
-CONCEPT_COLORS_RGB = [(230, 60, 60), (60, 110, 230)]
+#: one brush colour per region / concept layer
+REGION_RGB = [(230, 60, 60), (60, 110, 230), (60, 180, 90), (230, 170, 40)]
+REGION_COLORS = [f"rgb{color}" for color in REGION_RGB]  # "rgb(230, 60, 60)", as Gradio's brush takes them
 
 
 def _friendly(function: Callable) -> Callable:
@@ -146,7 +147,7 @@ def build_app(
 
     def sample_concepts() -> dict:
         image, masks = handlers.sample_scene_masks(0)
-        layers = [handlers.mask_layer(mask, color) for mask, color in zip(masks, CONCEPT_COLORS_RGB, strict=True)]
+        layers = [handlers.mask_layer(mask, color) for mask, color in zip(masks, REGION_RGB, strict=False)]
         return {"background": image, "layers": layers, "composite": None}
 
     def pick_target(editor: dict | None, event: gr.SelectData) -> tuple[int, int]:

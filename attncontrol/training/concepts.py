@@ -766,15 +766,13 @@ class ConceptTrainer:
         files = []
         for index, token in enumerate(self.tokens):
             count = self.config.num_vectors
-            rows = [table.detach()[index * count : (index + 1) * count].float().cpu() for table in self.rows]
-            rows = [row[0] if count == 1 else row for row in rows]  # one vector: [dim], as single-vector files are
+            # [vectors, dim] per text encoder; SD's single-vector files hold a bare [dim] row
+            span = slice(index * count, (index + 1) * count)
+            rows = [table.detach()[span].float().cpu().contiguous() for table in self.rows]
             if len(rows) == 1:
-                state = {token: rows[0].contiguous()}
+                state = {token: rows[0][0] if count == 1 else rows[0]}
             else:
-                state = {
-                    "clip_l": rows[0].reshape(count, -1).contiguous(),
-                    "clip_g": rows[1].reshape(count, -1).contiguous(),
-                }
+                state = {"clip_l": rows[0], "clip_g": rows[1]}
             name = f"learned_embeds/{safe_name(token)}.safetensors"
             save_file(state, str(self.out / name))
             files.append(name)

@@ -305,3 +305,13 @@ def test_two_processes_train_in_step(tiny_models, tmp_path):
     assert json.loads((out / "concepts.json").read_text())["steps"] == 4
     rows = [torch.load(tmp_path / f"rows-{rank}.pt") for rank in range(2)]
     assert torch.equal(rows[0], rows[1])
+
+
+def test_latest_mask_images_are_the_last_saved_set(tmp_path):
+    from attncontrol.concepts import latest_mask_images, save_mask_images
+
+    assert latest_mask_images(tmp_path) == []
+    masks = _blobs().bool()
+    for step in (0, 20, 100):
+        save_mask_images(masks, ["<asset0>", "<asset1>"], tmp_path, (16, 16), f"step-{step:05d}")
+    assert [p.name for p in latest_mask_images(tmp_path)] == ["step-00100-asset0.png", "step-00100-asset1.png"]
