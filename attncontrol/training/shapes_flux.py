@@ -20,6 +20,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from attncontrol.training.shapes_text import (
     shapes_clip_tokenizer,
     shapes_t5_tokenizer,
 )
-from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
+from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, object_coverage, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_flux")
 
@@ -202,8 +203,9 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
         config.pool_size,
         config.seed + 1,
         config.pool_count_weights,
-        coverage_grid=grid if config.object_weight > 0 else None,
+        per_scene=partial(object_coverage, grid=grid) if config.object_weight > 0 else None,
     )
+    coverage = torch.stack(coverage) if coverage is not None else None
     shift, scaling = float(latents.mean()), float(1.0 / latents.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     packed = pack((latents - shift) * scaling)

@@ -24,7 +24,9 @@ import json
 import logging
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attncontrol.core.controller import AttentionController
+from attncontrol.core.store import AttentionStore
+from attncontrol.shapes.scenes import IMAGE_SIZE
 from attncontrol.training.common import (
     ema_update,
     load_checkpoint,
@@ -42,6 +47,7 @@ from attncontrol.training.common import (
     set_rng_state,
     warmup_cosine,
 )
+from attncontrol.training.grounding import grounding_loss, grounding_targets, scene_objects
 from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
 
@@ -58,6 +64,10 @@ class Config(ShapesTrainingConfig):
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     text_layers: int = 2
+    # Weight of the token grounding loss (attncontrol.training.grounding); 0 turns it off.
+    grounding_weight: float = 0.0
+    # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
+    init_from: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -76,6 +86,11 @@ def build_unet(channels: tuple[int, int, int]):
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+def latent_grid(vae) -> int:
+    """Side of the autoencoder's latent for a shapes-world scene."""
+    return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def train_scheduler():
@@ -120,12 +135,40 @@ def build_pipeline(vae, text_encoder, unet, config: Config):
     return pipeline
 
 
+def _pretrained(path: str, text_encoder, unet):
+    """The text encoder and UNet of the pipeline at ``path`` in fp32, checked against the configured ones."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loaded_text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32)
+    loaded_unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+    for name, fresh, loaded in (("text encoder", text_encoder, loaded_text), ("UNet", unet, loaded_unet)):
+        shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in loaded.state_dict().items()}:
+            raise ValueError(f"`init_from` {path!r}: its {name} differs from the configured one (check the flags)")
+    logger.info("unet: starting from the text encoder and UNet of %s", path)
+    return loaded_text, loaded_unet
+
+
 def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import compute_snr
 
     vae = AutoencoderKL.from_pretrained(vae_path)
-    latents, captions, _ = encode_pool(vae, config.pool_size, config.seed + 1, config.pool_count_weights)
+    tokenizer = shapes_clip_tokenizer(config.vocab_size, config.max_length)
+    # The finest cross-attention grid: the first down block has no attention and halves the latent.
+    grounding_grid = latent_grid(vae) // 2
+    latents, captions, objects = encode_pool(
+        vae,
+        config.pool_size,
+        config.seed + 1,
+        config.pool_count_weights,
+        per_scene=partial(scene_objects, grid=grounding_grid) if config.grounding_weight > 0 else None,
+    )
+    targets = None
+    if objects is not None:
+        targets = grounding_targets(captions, objects, tokenizer, grounding_grid)
+        del objects
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -134,7 +177,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     torch.manual_seed(config.seed)
     text_encoder = shapes_clip_text_encoder(config.text_layers, config.vocab_size, config.max_length)
     unet = build_unet(tuple(config.unet_channels))
-    tokenizer = shapes_clip_tokenizer(config.vocab_size, config.max_length)
+    if config.init_from:
+        text_encoder, unet = _pretrained(config.init_from, text_encoder, unet)
     scheduler = train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
@@ -153,66 +197,93 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         set_rng_state(state["rng"])
         logger.info("unet: resumed at step %d", step)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    store = AttentionStore(kinds="cross", keep_grad=True) if targets is not None else None
+    observing = AttentionController(accelerator.unwrap_model(unet), [store]) if store is not None else nullcontext()
 
     started = time.perf_counter()
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
     losses: list[float] = []
-    while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
-        index = torch.randint(0, len(latents), (config.unet_batch,))
-        batch = latents[index].to(accelerator.device)
-        texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=config.max_length, truncation=True, return_tensors="pt")
-        ids = ids.input_ids
-        encoder_states = text_encoder(ids.to(accelerator.device))[0]
-        noise = torch.randn_like(batch)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)
-        noisy = scheduler.add_noise(batch, noise, timesteps)
-        target = scheduler.get_velocity(batch, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_states).sample
-        snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
-        loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        ema_update(
-            [(ema_unet, accelerator.unwrap_model(unet)), (ema_text, accelerator.unwrap_model(text_encoder))],
-            step,
-            config.ema_decay,
-        )
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % config.probe_every == 0 or step == config.unet_steps:
-            probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
-            accuracy = probe_single_objects(probe_pipeline, config.probe_steps, guidance_scale=5.0)
-            history.append(
-                {
-                    "step": step,
-                    "minutes": (time.perf_counter() - started) / 60,
-                    "loss": float(np.mean(losses[-200:])),
-                    "single_object_probe": accuracy,
-                }
+    grounding_losses: list[float] = []
+    with observing:  # the store records cross-attention (with grads) only for the grounding loss
+        if store is not None:
+            # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
+            observing.set_step(0, num_steps=1)
+        while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
+            index = torch.randint(0, len(latents), (config.unet_batch,))
+            batch = latents[index].to(accelerator.device)
+            texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
+            ids = tokenizer(
+                texts, padding="max_length", max_length=config.max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            encoder_states = text_encoder(ids.to(accelerator.device))[0]
+            if store is not None:
+                store.reset()
+            noise = torch.randn_like(batch)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)
+            noisy = scheduler.add_noise(batch, noise, timesteps)
+            target = scheduler.get_velocity(batch, noise, timesteps)
+            prediction = unet(noisy, timesteps, encoder_states).sample
+            snr = compute_snr(scheduler, timesteps)
+            weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
+            loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
+            terms = {"diffusion": loss.item()}
+            if store is not None:
+                keep = torch.tensor([bool(text) for text in texts])  # dropped captions ground nothing
+                grounding = grounding_loss(
+                    store.records("cross"),
+                    targets.positions[index],
+                    targets.masks[index],
+                    targets.valid[index] & keep[:, None],
+                    targets.grid,
+                )
+                loss = loss + config.grounding_weight * grounding
+                terms["grounding"] = grounding.item()
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            ema_update(
+                [(ema_unet, accelerator.unwrap_model(unet)), (ema_text, accelerator.unwrap_model(text_encoder))],
+                step,
+                config.ema_decay,
             )
-            logger.info("unet: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
-        if step % config.checkpoint_every == 0:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "unet": accelerator.unwrap_model(unet).state_dict(),
-                    "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
-                    "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "rng": rng_state(),
-                },
-            )
+            step += 1
+            losses.append(terms["diffusion"])
+            grounding_losses.append(terms.get("grounding", float("nan")))
+            bar.update(1)
+            postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
+            if store is not None:
+                postfix["grounding"] = f"{np.mean(grounding_losses[-50:]):.4f}"
+            bar.set_postfix(postfix)
+            if step % config.probe_every == 0 or step == config.unet_steps:
+                probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
+                accuracy = probe_single_objects(probe_pipeline, config.probe_steps, guidance_scale=5.0)
+                history.append(
+                    {
+                        "step": step,
+                        "minutes": (time.perf_counter() - started) / 60,
+                        "loss": float(np.mean(losses[-200:])),
+                        "grounding_loss": float(np.mean(grounding_losses[-200:])) if store is not None else None,
+                        "single_object_probe": accuracy,
+                    }
+                )
+                logger.info("unet: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
+            if step % config.checkpoint_every == 0:
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "unet": accelerator.unwrap_model(unet).state_dict(),
+                        "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+                        "ema_unet": ema_unet.state_dict(),
+                        "ema_text": ema_text.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "rng": rng_state(),
+                    },
+                )
     bar.close()
     pipeline = build_pipeline(vae, ema_text, ema_unet, config)
     export = out / "pipeline"
@@ -221,6 +292,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "final_grounding_loss": float(np.mean(grounding_losses[-200:])) if store is not None and losses else None,
         "history": history,
         "unet_params_m": sum(p.numel() for p in ema_unet.parameters()) / 1e6,
     }

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from attncontrol.core.masks import resize_to_grid
 from attncontrol.shapes.bench import objects_present
 from attncontrol.shapes.detector import detect
-from attncontrol.shapes.scenes import SceneGenerator, to_tensor
+from attncontrol.shapes.scenes import Scene, SceneGenerator, to_tensor
 from attncontrol.training.common import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -141,26 +143,26 @@ def encode_pool(
     num_scenes: int,
     seed: int,
     count_weights: tuple[float, ...] | None = None,
-    coverage_grid: int | None = None,
-) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    per_scene: Callable[[Scene], Any] | None = None,
+) -> tuple[torch.Tensor, list[str], list | None]:
     """Render and encode ``num_scenes`` scenes once (posterior means).
 
-    Returns latents, captions and, with ``coverage_grid``, ``[N, grid * grid]``: the share of each grid cell
-    covered by an object (for losses that weigh objects up), else ``None``.
+    Returns latents, captions and, with ``per_scene``, its result for every scene (what a loss needs from the ground
+    truth, e.g. :func:`object_coverage`), else ``None``: the scenes themselves are not kept.
     """
     generator = SceneGenerator(seed, count_weights=count_weights)
-    latents, captions, coverage = [], [], []
+    latents, captions, extras = [], [], []
     vae.eval()
     for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):
         scenes = generator.batch(start, min(256, num_scenes - start))
         latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
         captions.extend(scene.caption for scene in scenes)
-        if coverage_grid is not None:
-            coverage.extend(object_coverage(scene, coverage_grid) for scene in scenes)
-    return torch.cat(latents), captions, torch.stack(coverage) if coverage else None
+        if per_scene is not None:
+            extras.extend(per_scene(scene) for scene in scenes)
+    return torch.cat(latents), captions, extras if per_scene is not None else None
 
 
-def object_coverage(scene, grid: int) -> torch.Tensor:
+def object_coverage(scene: Scene, grid: int) -> torch.Tensor:
     """``[grid * grid]``: the share of each cell of a ``grid`` x ``grid`` division of the scene covered by objects."""
     covered = np.zeros(scene.image.shape[:2], dtype=np.float32)
     for obj in scene.objects:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -129,10 +130,11 @@ def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
 
 def test_pool_object_coverage_matches_the_pool_scenes():
     from attncontrol.shapes import SceneGenerator
-    from attncontrol.training.shapes_vae import build_vae, encode_pool
+    from attncontrol.training.shapes_vae import build_vae, encode_pool, object_coverage
 
     weights = (0.3, 0.45, 0.25)
-    latents, captions, coverage = encode_pool(build_vae(), 5, 7, weights, coverage_grid=16)
+    latents, captions, coverage = encode_pool(build_vae(), 5, 7, weights, per_scene=partial(object_coverage, grid=16))
+    coverage = torch.stack(coverage)
     assert encode_pool(build_vae(), 2, 7, weights)[2] is None
     scenes = SceneGenerator(7, count_weights=weights).batch(0, 5)
     assert captions == [scene.caption for scene in scenes] and len(latents) == 5
