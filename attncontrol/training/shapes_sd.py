@@ -65,8 +65,8 @@ class Config(ShapesTrainingConfig):
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     text_layers: int = 2
-    # Weight of the token grounding loss (attncontrol.training.grounding); 0 turns it off.
-    grounding_weight: float = 0.05
+    # Weight of the token grounding loss (attncontrol.training.grounding); 0 (the shipped model's recipe) turns it off.
+    grounding_weight: float = 0.0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
     init_from: str = ""
 
