@@ -151,9 +151,34 @@ def _pretrained(path: str, text_encoder, unet):
     return loaded_text, loaded_unet
 
 
+def _losses(config: Config, unet, scheduler, batch, encoder_states, store, targets, index, texts):
+    """One step's loss: min-SNR-weighted v-prediction, plus the weighted grounding loss when ``store`` records.
+
+    Returns the total and its terms as floats (for the progress bar and the history)."""
+    from diffusers.training_utils import compute_snr
+
+    noise = torch.randn_like(batch)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)
+    noisy = scheduler.add_noise(batch, noise, timesteps)
+    target = scheduler.get_velocity(batch, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_states).sample
+    snr = compute_snr(scheduler, timesteps)
+    weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
+    loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
+    terms = {"diffusion": loss.item()}
+    if store is not None:
+        keep = torch.tensor([bool(text) for text in texts])  # dropped captions ground nothing
+        rows = targets.valid[index] & keep[:, None]
+        grounding = grounding_loss(
+            store.records("cross"), targets.positions[index], targets.masks[index], rows, targets.grid
+        )
+        loss = loss + config.grounding_weight * grounding
+        terms["grounding"] = grounding.item()
+    return loss, terms
+
+
 def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
     from diffusers import AutoencoderKL
-    from diffusers.training_utils import compute_snr
 
     started = time.perf_counter()
     vae = AutoencoderKL.from_pretrained(vae_path)
@@ -219,26 +244,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
             encoder_states = text_encoder(ids.to(accelerator.device))[0]
             if store is not None:
                 store.reset()
-            noise = torch.randn_like(batch)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)
-            noisy = scheduler.add_noise(batch, noise, timesteps)
-            target = scheduler.get_velocity(batch, noise, timesteps)
-            prediction = unet(noisy, timesteps, encoder_states).sample
-            snr = compute_snr(scheduler, timesteps)
-            weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
-            loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
-            terms = {"diffusion": loss.item()}
-            if store is not None:
-                keep = torch.tensor([bool(text) for text in texts])  # dropped captions ground nothing
-                grounding = grounding_loss(
-                    store.records("cross"),
-                    targets.positions[index],
-                    targets.masks[index],
-                    targets.valid[index] & keep[:, None],
-                    targets.grid,
-                )
-                loss = loss + config.grounding_weight * grounding
-                terms["grounding"] = grounding.item()
+            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, store, targets, index, texts)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
             accelerator.backward(loss)
