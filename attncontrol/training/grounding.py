@@ -85,17 +85,18 @@ def grounding_loss(
     weight = valid.float()
     if weight.sum() == 0:
         return records[0].probs.sum() * 0.0
-    masks = masks.float()
+    # Masks per attention grid, pooled once per resolution rather than once per layer.
+    masks_at: dict[int, torch.Tensor] = {grid: masks.float()}
     total = 0.0
     for record in records:
         probs = record.probs.float()  # [B, Q, K]
         height, width = record.grid
         if height != width or grid % height:
             raise ValueError(f"a cross-attention grid {record.grid} does not divide the mask grid {grid}")
-        layer_masks = masks
-        if height != grid:
-            pooled = F.avg_pool2d(masks.reshape(-1, 1, grid, grid), grid // height)
-            layer_masks = pooled.reshape(*masks.shape[:2], height * width)
+        if height not in masks_at:
+            pooled = F.avg_pool2d(masks_at[grid].reshape(-1, 1, grid, grid), grid // height)
+            masks_at[height] = pooled.reshape(*masks.shape[:2], height * width)
+        layer_masks = masks_at[height]
         index = positions[:, :, None].expand(-1, -1, probs.shape[1])
         word_maps = probs.transpose(1, 2).gather(1, index)  # [B, P, Q]
         inside = (word_maps * layer_masks).sum(-1) / word_maps.sum(-1).clamp_min(1e-8)

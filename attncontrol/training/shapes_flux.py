@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attncontrol.shapes import IMAGE_SIZE
 from attncontrol.training.common import (
     ema_update,
     load_checkpoint,
@@ -45,7 +44,13 @@ from attncontrol.training.shapes_text import (
     shapes_clip_tokenizer,
     shapes_t5_tokenizer,
 )
-from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, object_coverage, train_vae
+from attncontrol.training.shapes_vae import (
+    ShapesTrainingConfig,
+    encode_pool,
+    latent_grid,
+    object_coverage,
+    train_vae,
+)
 
 logger = logging.getLogger("attncontrol.training.shapes_flux")
 
@@ -197,7 +202,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     vae = AutoencoderKL.from_pretrained(vae_path)
     sample_timesteps(config.timestep_sampling, 1, "cpu")  # a bad setting fails before the pool is encoded
     # Token grid of the packed latents: the autoencoder's factor, then Flux's 2x2 packing.
-    grid = IMAGE_SIZE // (2 ** (len(vae.config.block_out_channels) - 1) * 2)
+    grid = latent_grid(vae) // 2
     latents, captions, coverage = encode_pool(
         vae,
         config.pool_size,

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.store import AttentionStore
-from attncontrol.shapes.scenes import IMAGE_SIZE
 from attncontrol.training.common import (
     ema_update,
     load_checkpoint,
@@ -49,7 +48,7 @@ from attncontrol.training.common import (
 )
 from attncontrol.training.grounding import grounding_loss, grounding_targets, scene_objects
 from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
-from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, train_vae
+from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, latent_grid, train_vae
 
 logger = logging.getLogger("attncontrol.training.shapes_sd")
 
@@ -87,11 +86,6 @@ def build_unet(channels: tuple[int, int, int]):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-
-
-def latent_grid(vae) -> int:
-    """Side of the autoencoder's latent for a shapes-world scene."""
-    return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def train_scheduler():

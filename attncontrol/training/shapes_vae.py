@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from attncontrol.core.masks import resize_to_grid
 from attncontrol.shapes.bench import objects_present
 from attncontrol.shapes.detector import detect
-from attncontrol.shapes.scenes import Scene, SceneGenerator, to_tensor
+from attncontrol.shapes.scenes import IMAGE_SIZE, Scene, SceneGenerator, to_tensor
 from attncontrol.training.common import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ class ShapesTrainingConfig:
     checkpoint_every: int = 250
     probe_every: int = 1000
     probe_steps: int = 20
+
+
+def latent_grid(vae) -> int:
+    """Side of the autoencoder's latent for a shapes-world scene (each block after the first halves it)."""
+    return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_vae():
