@@ -117,16 +117,20 @@ def _t5_encoder(d_model: int, seed: int):
     return T5EncoderModel(config)
 
 
-def small_autoencoder(*, latent_channels: int = 4, sample_size: int = 32, **extra):
-    """Factor-2 AutoencoderKL (channels 32, 64; one layer per block): the tiny models' and the shapes models' VAE."""
+def small_autoencoder(
+    *, latent_channels: int = 4, sample_size: int = 32, block_out_channels: tuple[int, ...] = (32, 64), **extra
+):
+    """AutoencoderKL with one layer per block: the tiny models' and the shapes models' VAE.
+
+    The default channels (32, 64) give a factor-2 latent; each further block halves it again."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(block_out_channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
         latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=8,

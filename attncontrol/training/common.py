@@ -78,7 +78,7 @@ def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | 
         value = getattr(defaults, item.name)
         flag = "--" + item.name.replace("_", "-")
         if isinstance(value, tuple):
-            parser.add_argument(flag, type=type(value[0]), nargs=len(value), default=value)
+            parser.add_argument(flag, type=type(value[0]), nargs="+", default=value)
         elif isinstance(value, list):
             parser.add_argument(flag, nargs="*", type=str, default=value)
         elif isinstance(value, bool):

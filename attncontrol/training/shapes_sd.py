@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -66,18 +66,24 @@ class Config(ShapesTrainingConfig):
     text_layers: int = 2
     # Weight of the token grounding loss (attncontrol.training.grounding); 0 (the shipped model's recipe) turns it off.
     grounding_weight: float = 0.0
+    # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
+    # the first part of the schedule can learn to draw without it.
+    grounding_start: int = 0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
     init_from: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_unet(channels: tuple[int, int, int]):
+def build_unet(channels: tuple[int, int, int], latent_channels: int = 4, sample_size: int = 32):
+    """Three levels: plain convolutions at the latent's size, self- and cross-attention at the two below it."""
     from diffusers import UNet2DConditionModel
 
+    if len(channels) != 3:
+        raise ValueError(f"`unet_channels` needs 3 values (one per UNet level), got {channels}")
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -197,7 +203,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
 
     torch.manual_seed(config.seed)
     text_encoder = shapes_clip_text_encoder(config.text_layers, config.vocab_size, config.max_length)
-    unet = build_unet(tuple(config.unet_channels))
+    unet = build_unet(tuple(config.unet_channels), vae.config.latent_channels, latent_grid(vae))
     if config.init_from:
         text_encoder, unet = _pretrained(config.init_from, text_encoder, unet)
     scheduler = train_scheduler()
@@ -219,16 +225,18 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         logger.info("unet: resumed at step %d", step)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     store = AttentionStore(kinds="cross", keep_grad=True) if targets is not None else None
-    observing = AttentionController(accelerator.unwrap_model(unet), [store]) if store is not None else nullcontext()
+    grounding = None  # the controller recording cross-attention (with grads), once the grounding loss is on
 
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
     losses: list[float] = []
     grounding_losses: list[float] = []
-    with observing:  # the store records cross-attention (with grads) only for the grounding loss
-        if store is not None:
-            # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
-            observing.set_step(0, num_steps=1)
+    with ExitStack() as observing:
         while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
+            if store is not None and grounding is None and step >= config.grounding_start:
+                grounding = observing.enter_context(AttentionController(accelerator.unwrap_model(unet), [store]))
+                # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
+                grounding.set_step(0, num_steps=1)
+                logger.info("unet: grounding loss on from step %d", step)
             index = torch.randint(0, len(latents), (config.unet_batch,))
             batch = latents[index].to(accelerator.device)
             texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
@@ -236,9 +244,10 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 texts, padding="max_length", max_length=config.max_length, truncation=True, return_tensors="pt"
             ).input_ids
             encoder_states = text_encoder(ids.to(accelerator.device))[0]
-            if store is not None:
-                store.reset()
-            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, store, targets, index, texts)
+            recording = store if grounding is not None else None
+            if recording is not None:
+                recording.reset()
+            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, recording, targets, index, texts)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
             accelerator.backward(loss)
@@ -255,8 +264,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
             grounding_losses.append(terms.get("grounding", float("nan")))
             bar.update(1)
             postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
-            if store is not None:
-                postfix["grounding"] = f"{np.mean(grounding_losses[-50:]):.4f}"
+            if grounding is not None:
+                postfix["grounding"] = f"{np.nanmean(grounding_losses[-50:]):.4f}"
             bar.set_postfix(postfix)
             if step % config.probe_every == 0 or step == config.unet_steps:
                 probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
@@ -266,7 +275,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                         "step": step,
                         "minutes": (time.perf_counter() - started) / 60,
                         "loss": float(np.mean(losses[-200:])),
-                        "grounding_loss": float(np.mean(grounding_losses[-200:])) if store is not None else None,
+                        "grounding_loss": float(np.nanmean(grounding_losses[-200:])) if grounding is not None else None,
                         "single_object_probe": accuracy,
                     }
                 )
@@ -293,7 +302,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
-        "final_grounding_loss": float(np.mean(grounding_losses[-200:])) if store is not None and losses else None,
+        "final_grounding_loss": float(np.nanmean(grounding_losses[-200:])) if grounding is not None else None,
         "history": history,
         "unet_params_m": sum(p.numel() for p in ema_unet.parameters()) / 1e6,
     }

@@ -39,6 +39,9 @@ class ShapesTrainingConfig:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     vae_probe_scenes: int = 200
+    # Autoencoder channels per block (each block after the first halves the latent) and latent channels.
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
     pool_size: int = 30000
     # Relative chances of 1, 2 and 3 objects in the denoiser's training pool (equal: the generator's uniform draw).
     pool_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -58,10 +61,12 @@ def latent_grid(vae) -> int:
     return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_vae():
+def build_vae(config: ShapesTrainingConfig):
     from attncontrol.testing.tiny import small_autoencoder
 
-    return small_autoencoder(sample_size=64)
+    return small_autoencoder(
+        sample_size=IMAGE_SIZE, block_out_channels=config.vae_channels, latent_channels=config.latent_channels
+    )
 
 
 @torch.no_grad()
@@ -94,7 +99,7 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
         logger.info("vae: already trained at %s", final)
         return final
     torch.manual_seed(seed)
-    vae = build_vae()
+    vae = build_vae(config)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
     step = 0
     checkpoint = out / "checkpoint-vae.pt"

@@ -77,16 +77,23 @@ def test_training_with_grounding_records_the_loss_and_restores_the_processors(tm
     out = tmp_path / "run"
     tiny = ["--vae-probe-scenes", "8", "--vae-steps", "2", "--pool-size", "16", "--unet-batch", "4"]
     tiny += ["--probe-every", "1000", "--probe-steps", "2", "--unet-channels", "16", "32", "32"]
-    shapes_sd.main(["--out", str(out), "--unet-steps", "3", "--grounding-weight", "0.1", *tiny])
+    # A factor-4 autoencoder with 8 latent channels: the UNet follows its latent, grounding on from the 2nd step.
+    factor4 = ["--vae-channels", "16", "16", "16", "--latent-channels", "8"]
+    grounded = ["--grounding-weight", "0.1", "--grounding-start", "1"]
+    shapes_sd.main(["--out", str(out), "--unet-steps", "3", *grounded, *factor4, *tiny])
     metrics = json.loads((out / "unet_metrics.json").read_text())
     assert 0.0 < metrics["final_grounding_loss"] <= 1.0
+    unet_config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
+    assert (unet_config["in_channels"], unet_config["sample_size"]) == (8, 16)
 
     # Fine-tuning from the exported pipeline starts from its weights (and a mismatched one is refused).
     finetuned = tmp_path / "finetuned"
     finetuned.mkdir()
     (finetuned / "vae").symlink_to(out / "vae", target_is_directory=True)
     start = ["--out", str(finetuned), "--stage", "unet", "--init-from", str(out / "pipeline")]
-    shapes_sd.main([*start, "--unet-steps", "1", *tiny])
+    # A grounding loss that starts after the last step never records (nor costs) anything.
+    shapes_sd.main([*start, "--unet-steps", "1", "--grounding-weight", "0.1", "--grounding-start", "5", *tiny])
+    assert json.loads((finetuned / "unet_metrics.json").read_text())["final_grounding_loss"] is None
     with pytest.raises(ValueError, match="init_from"):
         shapes_sd.main([*start, "--unet-steps", "1", *tiny[:-3], "16", "32", "48"])
 
