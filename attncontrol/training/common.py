@@ -63,6 +63,12 @@ def layer_outputs(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, A
     return outputs, handles
 
 
+def recent_mean(values: list[float], count: int = 200) -> float | None:
+    """Mean of the last ``count`` recorded values (NaN: a step without the term), ``None`` if there are none."""
+    recent = [value for value in values[-count:] if not math.isnan(value)]
+    return float(np.mean(recent)) if recent else None
+
+
 def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to ``floor * base_lr``."""
     warm = min(1.0, (step + 1) / max(1, warmup))

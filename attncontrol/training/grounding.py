@@ -9,7 +9,9 @@ words and cross-attention layers. Each word then carries its object to one place
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attncontrol.core.controller import AttentionController
 from attncontrol.core.masks import resize_to_grid
+from attncontrol.core.store import AttentionStore
 from attncontrol.core.tokens import token_indices
 from attncontrol.shapes.scenes import Scene
+
+logger = logging.getLogger(__name__)
 
 # Up to three objects, two words each.
 MAX_GROUNDED_TOKENS = 6
@@ -102,3 +108,38 @@ def grounding_loss(
         inside = (word_maps * layer_masks).sum(-1) / word_maps.sum(-1).clamp_min(1e-8)
         total = total + ((1 - inside) ** 2 * weight).sum() / weight.sum()
     return total / len(records)
+
+
+class GroundingTerm:
+    """The grounding loss inside a training loop: from step ``start`` on, the denoiser's cross-attention (UNet) or
+    image-query x text-key attention (Flux) is recorded with gradients and scored against the pool's targets.
+
+    Call :meth:`begin_step` before each forward pass; after it, :meth:`loss` is the step's term while :attr:`active`.
+    The processors are installed on the ``stack`` (an ``ExitStack`` the loop runs in), so they come off when the
+    loop ends, also on an exception.
+    """
+
+    def __init__(self, targets: GroundingTargets, weight: float, start: int = 0) -> None:
+        self.targets, self.weight, self.start = targets, weight, start
+        self.store = AttentionStore(kinds="cross", keep_grad=True)
+        self.controller: AttentionController | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.controller is not None
+
+    def begin_step(self, stack: ExitStack, model: Any, step: int) -> None:
+        if self.controller is None and step >= self.start:
+            self.controller = stack.enter_context(AttentionController(model, [self.store]))
+            # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
+            self.controller.set_step(0, num_steps=1)
+            logger.info("grounding loss on from step %d", step)
+        self.store.reset()
+
+    def loss(self, index: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """The unweighted term for pool rows ``index`` captioned ``texts`` (dropped, empty captions ground nothing)."""
+        targets = self.targets
+        keep = torch.tensor([bool(text) for text in texts])
+        rows = targets.valid[index] & keep[:, None]
+        records = self.store.records("cross")
+        return grounding_loss(records, targets.positions[index], targets.masks[index], rows, targets.grid)

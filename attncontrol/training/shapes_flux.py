@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -33,11 +34,13 @@ from attncontrol.training.common import (
     load_checkpoint,
     parse_config,
     probe_single_objects,
+    recent_mean,
     rng_state,
     save_checkpoint,
     set_rng_state,
     warmup_cosine,
 )
+from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
 from attncontrol.training.shapes_text import (
     TEXT_HIDDEN,
     shapes_clip_text_encoder,
@@ -99,13 +102,14 @@ def build_text_encoders(config: Config):
     return clip, t5
 
 
-def build_transformer(config: Config):
+def build_transformer(config: Config, latent_channels: int = 4):
+    """Flux's transformer over packed latents: each token is a 2x2 patch of the autoencoder's latent."""
     from diffusers import FluxTransformer2DModel
 
     rope = rope_axes(config.head_dim)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=4 * latent_channels,
         num_layers=config.layers,
         num_single_layers=config.single_layers,
         attention_head_dim=config.head_dim,
@@ -203,14 +207,15 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     sample_timesteps(config.timestep_sampling, 1, "cpu")  # a bad setting fails before the pool is encoded
     # Token grid of the packed latents: the autoencoder's factor, then Flux's 2x2 packing.
     grid = latent_grid(vae) // 2
-    latents, captions, coverage = encode_pool(
-        vae,
-        config.pool_size,
-        config.seed + 1,
-        config.pool_count_weights,
-        per_scene=partial(object_coverage, grid=grid) if config.object_weight > 0 else None,
+    per_scene = {}
+    if config.object_weight > 0:
+        per_scene["coverage"] = partial(object_coverage, grid=grid)
+    if config.grounding_weight > 0:
+        per_scene["objects"] = partial(scene_objects, grid=grid)
+    latents, captions, extras = encode_pool(
+        vae, config.pool_size, config.seed + 1, config.pool_count_weights, per_scene=per_scene
     )
-    coverage = torch.stack(coverage) if coverage is not None else None
+    coverage = torch.stack(extras.pop("coverage")) if "coverage" in extras else None
     shift, scaling = float(latents.mean()), float(1.0 / latents.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     packed = pack((latents - shift) * scaling)
@@ -218,9 +223,13 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
 
     torch.manual_seed(config.seed)
     clip, t5 = build_text_encoders(config)
-    transformer = build_transformer(config)
+    transformer = build_transformer(config, vae.config.latent_channels)
     clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
     t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)
+    grounding = None
+    if "objects" in extras:  # Flux's per-token text is T5's: its keys are the ones grounded
+        targets = grounding_targets(captions, extras.pop("objects"), t5_tok, grid)
+        grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
     modules = [transformer, clip, t5]
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
@@ -243,70 +252,82 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
 
     started = time.perf_counter()
     losses: list[float] = []
+    grounding_losses: list[float] = []
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
-    while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
-        index = torch.randint(0, len(packed), (config.batch,))
-        x0 = packed[index].to(accelerator.device)
-        texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
-        sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
-        noise = torch.randn_like(x0)
-        t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
-        noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        prediction = transformer(
-            hidden_states=noisy,
-            timestep=t,
-            encoder_hidden_states=sequence,
-            pooled_projections=pooled,
-            txt_ids=text_ids,
-            img_ids=ids,
-            return_dict=False,
-        )[0]
-        if coverage is None:
-            loss = F.mse_loss(prediction.float(), (noise - x0).float())
-        else:
-            error = (prediction.float() - (noise - x0).float()).pow(2).mean(dim=-1)
-            weight = 1.0 + config.object_weight * coverage[index].to(error.device)
-            loss = (weight * error).sum() / weight.sum()
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        ema_update(list(zip(emas, live, strict=True)), step, config.ema_decay)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % config.probe_every == 0 or step == config.steps:
-            accuracy = probe_single_objects(
-                build_pipeline(vae, emas[1], emas[2], emas[0], config),
-                config.probe_steps,
-                negative_prompt="",
-                true_cfg_scale=5.0,
-                max_sequence_length=config.max_length,
-            )
-            history.append(
-                {
-                    "step": step,
-                    "minutes": (time.perf_counter() - started) / 60,
-                    "loss": float(np.mean(losses[-200:])),
-                    "single_object_probe": accuracy,
-                }
-            )
-            logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
-        if step % config.checkpoint_every == 0:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "modules": [m.state_dict() for m in live],
-                    "emas": [m.state_dict() for m in emas],
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "rng": rng_state(),
-                },
-            )
+    with ExitStack() as observing:
+        while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
+            index = torch.randint(0, len(packed), (config.batch,))
+            x0 = packed[index].to(accelerator.device)
+            texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
+            sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
+            if grounding is not None:
+                grounding.begin_step(observing, live[0], step)
+            noise = torch.randn_like(x0)
+            t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
+            noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            prediction = transformer(
+                hidden_states=noisy,
+                timestep=t,
+                encoder_hidden_states=sequence,
+                pooled_projections=pooled,
+                txt_ids=text_ids,
+                img_ids=ids,
+                return_dict=False,
+            )[0]
+            if coverage is None:
+                loss = F.mse_loss(prediction.float(), (noise - x0).float())
+            else:
+                error = (prediction.float() - (noise - x0).float()).pow(2).mean(dim=-1)
+                weight = 1.0 + config.object_weight * coverage[index].to(error.device)
+                loss = (weight * error).sum() / weight.sum()
+            losses.append(loss.item())  # the flow loss alone
+            if grounding is not None and grounding.active:
+                term = grounding.loss(index, texts)
+                loss = loss + grounding.weight * term
+                grounding_losses.append(term.item())
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            ema_update(list(zip(emas, live, strict=True)), step, config.ema_decay)
+            step += 1
+            bar.update(1)
+            postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
+            if grounding is not None and grounding.active:
+                postfix["grounding"] = f"{recent_mean(grounding_losses, 50):.4f}"
+            bar.set_postfix(postfix)
+            if step % config.probe_every == 0 or step == config.steps:
+                accuracy = probe_single_objects(
+                    build_pipeline(vae, emas[1], emas[2], emas[0], config),
+                    config.probe_steps,
+                    negative_prompt="",
+                    true_cfg_scale=5.0,
+                    max_sequence_length=config.max_length,
+                )
+                history.append(
+                    {
+                        "step": step,
+                        "minutes": (time.perf_counter() - started) / 60,
+                        "loss": float(np.mean(losses[-200:])),
+                        "grounding_loss": recent_mean(grounding_losses),
+                        "single_object_probe": accuracy,
+                    }
+                )
+                logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
+            if step % config.checkpoint_every == 0:
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "modules": [m.state_dict() for m in live],
+                        "emas": [m.state_dict() for m in emas],
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "rng": rng_state(),
+                    },
+                )
     bar.close()
     pipeline = build_pipeline(vae, emas[1], emas[2], emas[0], config)
     export = out / "pipeline"
@@ -315,6 +336,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "final_grounding_loss": recent_mean(grounding_losses),
         "history": history,
         "transformer_params_m": sum(p.numel() for p in emas[0].parameters()) / 1e6,
     }

@@ -34,19 +34,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attncontrol.core.controller import AttentionController
-from attncontrol.core.store import AttentionStore
 from attncontrol.training.common import (
     ema_update,
     load_checkpoint,
     parse_config,
     probe_single_objects,
+    recent_mean,
     rng_state,
     save_checkpoint,
     set_rng_state,
     warmup_cosine,
 )
-from attncontrol.training.grounding import grounding_loss, grounding_targets, scene_objects
+from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
 from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, latent_grid, train_vae
 
@@ -64,11 +63,6 @@ class Config(ShapesTrainingConfig):
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     text_layers: int = 2
-    # Weight of the token grounding loss (attncontrol.training.grounding); 0 (the shipped model's recipe) turns it off.
-    grounding_weight: float = 0.0
-    # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
-    # the first part of the schedule can learn to draw without it.
-    grounding_start: int = 0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
     init_from: str = ""
 
@@ -151,8 +145,8 @@ def _pretrained(path: str, text_encoder, unet):
     return loaded_text, loaded_unet
 
 
-def _losses(config: Config, unet, scheduler, batch, encoder_states, store, targets, index, texts):
-    """One step's loss: min-SNR-weighted v-prediction, plus the weighted grounding loss when ``store`` records.
+def _losses(config: Config, unet, scheduler, batch, encoder_states, grounding, index, texts):
+    """One step's loss: min-SNR-weighted v-prediction, plus the weighted grounding loss once it is on.
 
     Returns the total and its terms as floats (for the progress bar and the history)."""
     from diffusers.training_utils import compute_snr
@@ -166,14 +160,10 @@ def _losses(config: Config, unet, scheduler, batch, encoder_states, store, targe
     weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
     loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
     terms = {"diffusion": loss.item()}
-    if store is not None:
-        keep = torch.tensor([bool(text) for text in texts])  # dropped captions ground nothing
-        rows = targets.valid[index] & keep[:, None]
-        grounding = grounding_loss(
-            store.records("cross"), targets.positions[index], targets.masks[index], rows, targets.grid
-        )
-        loss = loss + config.grounding_weight * grounding
-        terms["grounding"] = grounding.item()
+    if grounding is not None and grounding.active:
+        term = grounding.loss(index, texts)
+        loss = loss + grounding.weight * term
+        terms["grounding"] = term.item()
     return loss, terms
 
 
@@ -185,17 +175,17 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     tokenizer = shapes_clip_tokenizer(config.vocab_size, config.max_length)
     # The finest cross-attention grid: the first down block has no attention and halves the latent.
     grounding_grid = latent_grid(vae) // 2
-    latents, captions, objects = encode_pool(
+    latents, captions, extras = encode_pool(
         vae,
         config.pool_size,
         config.seed + 1,
         config.pool_count_weights,
-        per_scene=partial(scene_objects, grid=grounding_grid) if config.grounding_weight > 0 else None,
+        per_scene={"objects": partial(scene_objects, grid=grounding_grid)} if config.grounding_weight > 0 else None,
     )
-    targets = None
-    if objects is not None:
-        targets = grounding_targets(captions, objects, tokenizer, grounding_grid)
-        del objects
+    grounding = None
+    if "objects" in extras:
+        targets = grounding_targets(captions, extras.pop("objects"), tokenizer, grounding_grid)
+        grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -224,19 +214,11 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         set_rng_state(state["rng"])
         logger.info("unet: resumed at step %d", step)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    store = AttentionStore(kinds="cross", keep_grad=True) if targets is not None else None
-    grounding = None  # the controller recording cross-attention (with grads), once the grounding loss is on
-
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
     losses: list[float] = []
     grounding_losses: list[float] = []
     with ExitStack() as observing:
         while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
-            if store is not None and grounding is None and step >= config.grounding_start:
-                grounding = observing.enter_context(AttentionController(accelerator.unwrap_model(unet), [store]))
-                # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
-                grounding.set_step(0, num_steps=1)
-                logger.info("unet: grounding loss on from step %d", step)
             index = torch.randint(0, len(latents), (config.unet_batch,))
             batch = latents[index].to(accelerator.device)
             texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
@@ -244,10 +226,9 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 texts, padding="max_length", max_length=config.max_length, truncation=True, return_tensors="pt"
             ).input_ids
             encoder_states = text_encoder(ids.to(accelerator.device))[0]
-            recording = store if grounding is not None else None
-            if recording is not None:
-                recording.reset()
-            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, recording, targets, index, texts)
+            if grounding is not None:
+                grounding.begin_step(observing, accelerator.unwrap_model(unet), step)
+            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, grounding, index, texts)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
             accelerator.backward(loss)
@@ -264,8 +245,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
             grounding_losses.append(terms.get("grounding", float("nan")))
             bar.update(1)
             postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
-            if grounding is not None:
-                postfix["grounding"] = f"{np.nanmean(grounding_losses[-50:]):.4f}"
+            if terms.get("grounding") is not None:
+                postfix["grounding"] = f"{recent_mean(grounding_losses, 50):.4f}"
             bar.set_postfix(postfix)
             if step % config.probe_every == 0 or step == config.unet_steps:
                 probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
@@ -275,7 +256,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                         "step": step,
                         "minutes": (time.perf_counter() - started) / 60,
                         "loss": float(np.mean(losses[-200:])),
-                        "grounding_loss": float(np.nanmean(grounding_losses[-200:])) if grounding is not None else None,
+                        "grounding_loss": recent_mean(grounding_losses),
                         "single_object_probe": accuracy,
                     }
                 )
@@ -302,7 +283,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
-        "final_grounding_loss": float(np.nanmean(grounding_losses[-200:])) if grounding is not None else None,
+        "final_grounding_loss": recent_mean(grounding_losses),
         "history": history,
         "unet_params_m": sum(p.numel() for p in ema_unet.parameters()) / 1e6,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,11 @@ class ShapesTrainingConfig:
     vocab_size: int = 49408
     max_length: int = 77
     warmup: int = 200
+    # Weight of the token grounding loss (attncontrol.training.grounding); 0 turns it off.
+    grounding_weight: float = 0.0
+    # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
+    # the first part of the schedule can learn to draw without it.
+    grounding_start: int = 0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
@@ -153,23 +158,25 @@ def encode_pool(
     num_scenes: int,
     seed: int,
     count_weights: tuple[float, ...] | None = None,
-    per_scene: Callable[[Scene], Any] | None = None,
-) -> tuple[torch.Tensor, list[str], list | None]:
+    per_scene: Mapping[str, Callable[[Scene], Any]] | None = None,
+) -> tuple[torch.Tensor, list[str], dict[str, list]]:
     """Render and encode ``num_scenes`` scenes once (posterior means).
 
-    Returns latents, captions and, with ``per_scene``, its result for every scene (what a loss needs from the ground
-    truth, e.g. :func:`object_coverage`), else ``None``: the scenes themselves are not kept.
+    Returns latents, captions and, per entry of ``per_scene``, that function's result for every scene (what a loss
+    needs from the ground truth, e.g. :func:`object_coverage`): the scenes themselves are not kept.
     """
+    per_scene = dict(per_scene or {})
     generator = SceneGenerator(seed, count_weights=count_weights)
-    latents, captions, extras = [], [], []
+    latents, captions = [], []
+    extras: dict[str, list] = {name: [] for name in per_scene}
     vae.eval()
     for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):
         scenes = generator.batch(start, min(256, num_scenes - start))
         latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
         captions.extend(scene.caption for scene in scenes)
-        if per_scene is not None:
-            extras.extend(per_scene(scene) for scene in scenes)
-    return torch.cat(latents), captions, extras if per_scene is not None else None
+        for name, function in per_scene.items():
+            extras[name].extend(function(scene) for scene in scenes)
+    return torch.cat(latents), captions, extras
 
 
 def object_coverage(scene: Scene, grid: int) -> torch.Tensor:

@@ -75,8 +75,10 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     shapes_flux.main([
         "--out", str(out), "--vae", str(sd_out / "vae"), "--steps", "3", "--pool-size", "32", "--batch", "4",
         "--probe-every", "1000", "--checkpoint-every", "2", "--layers", "1", "--single-layers", "1",
-        "--object-weight", "2",
+        "--object-weight", "2", "--grounding-weight", "0.1", "--grounding-start", "1",
     ])  # fmt: skip
+    # The grounding loss reads the image-query x T5-key block of the joint attention from the 2nd step on.
+    assert 0.0 < json.loads((out / "flux_metrics.json").read_text())["final_grounding_loss"] <= 1.0
     with pytest.raises(ValueError, match="timestep_sampling"):
         shapes_flux.main(
             ["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--timestep-sampling", "cosine"]
@@ -130,12 +132,14 @@ def test_flux_adaln_zero_starts_as_a_zero_velocity_and_still_learns():
 
 def test_pool_object_coverage_matches_the_pool_scenes():
     from attncontrol.shapes import SceneGenerator
-    from attncontrol.training.shapes_vae import build_vae, encode_pool, object_coverage
+    from attncontrol.training.shapes_vae import ShapesTrainingConfig, build_vae, encode_pool, object_coverage
 
     weights = (0.3, 0.45, 0.25)
-    latents, captions, coverage = encode_pool(build_vae(), 5, 7, weights, per_scene=partial(object_coverage, grid=16))
-    coverage = torch.stack(coverage)
-    assert encode_pool(build_vae(), 2, 7, weights)[2] is None
+    vae = build_vae(ShapesTrainingConfig())
+    per_scene = {"coverage": partial(object_coverage, grid=16)}
+    latents, captions, extras = encode_pool(vae, 5, 7, weights, per_scene=per_scene)
+    coverage = torch.stack(extras["coverage"])
+    assert encode_pool(vae, 2, 7, weights)[2] == {}
     scenes = SceneGenerator(7, count_weights=weights).batch(0, 5)
     assert captions == [scene.caption for scene in scenes] and len(latents) == 5
     assert coverage.shape == (5, 256) and float(coverage.min()) >= 0 and float(coverage.max()) <= 1
