@@ -9,13 +9,13 @@ Run: python benchmarks/concept_masks.py [--scenes 16] [--methods cluster propaga
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from _results import save_results
 from accelerate import Accelerator
 from PIL import Image
 
@@ -97,8 +97,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        Path(args.json).with_suffix(".md").write_text(text + "\n")
+        save_results(args.json, report, text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from _results import save_results
 
 from attncontrol.shapes.bench import wilson_interval
 from attncontrol.shapes.concept_bench import METHODS, concept_scenes, run_concept_case
@@ -135,8 +136,7 @@ def write_report(report: dict, json_path: str | None) -> None:
     text = "\n".join(lines)
     print(text)
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
-        Path(json_path).with_suffix(".md").write_text(text + "\n")
+        save_results(json_path, report, text)
 
 
 def merge(paths: list[str], json_path: str | None) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import platform
 
 import numpy as np
 import torch
+from _results import save_results
 
 from attncontrol.models import load_pipeline
 from attncontrol.pipelines import ConsistentEditMixin, to_sharing
@@ -73,8 +73,7 @@ def main() -> None:
     lines.append(f"  skipped (source not one object of the asked kind): {counts['skipped']}")
     print("\n".join(lines))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": platform.machine(), "steps": STEPS, "guidance": GUIDANCE, **counts}, handle, indent=1)
+        save_results(args.json, {"machine": platform.machine(), "steps": STEPS, "guidance": GUIDANCE, **counts})
 
 
 if __name__ == "__main__":

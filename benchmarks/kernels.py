@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _results import save_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 GPU_CASES = {
@@ -551,9 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
         path = Path(args.json) if args.json != "auto" else RESULTS / f"kernels-{slug}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(text + "\n")
+        save_results(path, result, text)
         print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return 0
 

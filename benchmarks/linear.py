@@ -17,7 +17,6 @@ Run: python benchmarks/linear.py [--tokens 1024 4096 16384 65536] [--json benchm
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _results import save_results
 
 from attncontrol.controls.linear import linear_attention
 from attncontrol.controls.local import local_window_attention
@@ -193,10 +193,7 @@ def main() -> None:
     text = table(result)
     print(text)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
-        with open(args.json.replace(".json", ".md"), "w") as handle:
-            handle.write(text + "\n")
+        save_results(args.json, result, text)
 
 
 if __name__ == "__main__":

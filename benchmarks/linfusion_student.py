@@ -11,7 +11,6 @@ Run: python benchmarks/linfusion_student.py [--student attncontrol/assets/linfus
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import save_results
 from PIL import Image
 
 from attncontrol import AttentionController
@@ -90,10 +90,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "teacher_seconds": teacher_seconds, "student_seconds": student_seconds}, indent=2)
-        )
-        Path(args.json).with_suffix(".md").write_text(text + "\n")
+        record = {"rows": rows, "teacher_seconds": teacher_seconds, "student_seconds": student_seconds}
+        save_results(args.json, record, text)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ Run: python benchmarks/overhead.py [--rounds 15] [--threads 2] [--json benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _results import save_results
 from diffusers.models.attention_processor import Attention
 
 from attncontrol import AttentionController
@@ -161,8 +161,7 @@ def main() -> None:
         row["ratio"] = row["controlled_ms"] / row["stock_ms"]
         print(f"| {row['case']} | {row['stock_ms']:.2f} | {row['controlled_ms']:.2f} | {row['ratio']:.3f} |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, handle, indent=2)
+        save_results(args.json, {"device": device, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

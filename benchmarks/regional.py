@@ -14,12 +14,12 @@ Run: python benchmarks/regional.py [--size 256] [--steps 5] [--rounds 3] [--json
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
+from _results import save_results
 
 from attncontrol.controls import Region
 from attncontrol.models import SHIPPED_MODELS
@@ -118,9 +118,7 @@ def main() -> None:
             "settings": {**common, "rounds": args.rounds, "model": "shapes-sd"},
             "results": results,
         }
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
+        save_results(args.json, record)
 
 
 def region_cache_bytes(pipe, region: Region, size: int) -> int:
