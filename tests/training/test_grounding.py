@@ -14,6 +14,7 @@ from attncontrol.shapes.scenes import ObjectSpec, render
 from attncontrol.testing.tiny import clip_tokenizer
 from attncontrol.training import shapes_sd
 from attncontrol.training.grounding import grounding_loss, grounding_targets, scene_objects
+from tests.training.test_shapes_sd import TINY
 
 
 def _tokenizer():
@@ -75,12 +76,10 @@ def test_loss_is_zero_inside_the_object_and_grows_as_attention_leaves_it():
 
 def test_training_with_grounding_records_the_loss_and_restores_the_processors(tmp_path):
     out = tmp_path / "run"
-    tiny = ["--vae-probe-scenes", "8", "--vae-steps", "2", "--pool-size", "16", "--unet-batch", "4"]
-    tiny += ["--probe-every", "1000", "--probe-steps", "2", "--unet-channels", "16", "32", "32"]
     # A factor-4 autoencoder with 8 latent channels: the UNet follows its latent, grounding on from the 2nd step.
     factor4 = ["--vae-channels", "16", "16", "16", "--latent-channels", "8"]
     grounded = ["--grounding-weight", "0.1", "--grounding-start", "1"]
-    shapes_sd.main(["--out", str(out), "--unet-steps", "3", *grounded, *factor4, *tiny])
+    shapes_sd.main(["--out", str(out), "--unet-steps", "3", *grounded, *factor4, *TINY])
     metrics = json.loads((out / "unet_metrics.json").read_text())
     assert 0.0 < metrics["final_grounding_loss"] <= 1.0
     unet_config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
@@ -92,10 +91,10 @@ def test_training_with_grounding_records_the_loss_and_restores_the_processors(tm
     (finetuned / "vae").symlink_to(out / "vae", target_is_directory=True)
     start = ["--out", str(finetuned), "--stage", "unet", "--init-from", str(out / "pipeline")]
     # A grounding loss that starts after the last step never records (nor costs) anything.
-    shapes_sd.main([*start, "--unet-steps", "1", "--grounding-weight", "0.1", "--grounding-start", "5", *tiny])
+    shapes_sd.main([*start, "--unet-steps", "1", "--grounding-weight", "0.1", "--grounding-start", "5", *TINY])
     assert json.loads((finetuned / "unet_metrics.json").read_text())["final_grounding_loss"] is None
     with pytest.raises(ValueError, match="init_from"):
-        shapes_sd.main([*start, "--unet-steps", "1", *tiny[:-3], "16", "32", "48"])
+        shapes_sd.main([*start, "--unet-steps", "1", *TINY[:-3], "16", "32", "48"])
 
 
 def test_pool_scenes_give_targets_for_every_object():
