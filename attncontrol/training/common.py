@@ -69,6 +69,39 @@ def recent_mean(values: list[float], count: int = 200) -> float | None:
     return float(np.mean(recent)) if recent else None
 
 
+class LossLog:
+    """The per-step losses a shapes training loop keeps, for its progress bar, probe history and final metrics.
+
+    ``grounding`` is ``None`` on steps without the grounding loss (before its start, or when it is off)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grounding: list[float] = []
+
+    def add(self, loss: float, grounding: float | None = None) -> None:
+        self.losses.append(loss)
+        self.grounding.append(float("nan") if grounding is None else grounding)
+
+    def postfix(self) -> dict[str, str]:
+        shown = {"loss": f"{np.mean(self.losses[-50:]):.4f}"}
+        grounding = recent_mean(self.grounding, 50)
+        if grounding is not None:
+            shown["grounding"] = f"{grounding:.4f}"
+        return shown
+
+    def probe_entry(self, step: int, minutes: float, probe: float) -> dict:
+        return {
+            "step": step,
+            "minutes": minutes,
+            "loss": recent_mean(self.losses),
+            "grounding_loss": recent_mean(self.grounding),
+            "single_object_probe": probe,
+        }
+
+    def final(self) -> dict[str, float | None]:
+        return {"final_loss": recent_mean(self.losses), "final_grounding_loss": recent_mean(self.grounding)}
+
+
 def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to ``floor * base_lr``."""
     warm = min(1.0, (step + 1) / max(1, warmup))

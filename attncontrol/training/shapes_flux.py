@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
+    LossLog,
     ema_update,
     load_checkpoint,
     parse_config,
     probe_single_objects,
-    recent_mean,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -251,8 +251,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
     started = time.perf_counter()
-    losses: list[float] = []
-    grounding_losses: list[float] = []
+    log = LossLog()
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
         while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
@@ -280,11 +279,11 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
                 error = (prediction.float() - (noise - x0).float()).pow(2).mean(dim=-1)
                 weight = 1.0 + config.object_weight * coverage[index].to(error.device)
                 loss = (weight * error).sum() / weight.sum()
-            losses.append(loss.item())  # the flow loss alone
+            flow, term = loss.item(), None
             if grounding is not None and grounding.active:
                 term = grounding.loss(index, texts)
                 loss = loss + grounding.weight * term
-                grounding_losses.append(term.item())
+            log.add(flow, term.item() if term is not None else None)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
             accelerator.backward(loss)
@@ -294,10 +293,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
             ema_update(list(zip(emas, live, strict=True)), step, config.ema_decay)
             step += 1
             bar.update(1)
-            postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
-            if grounding is not None and grounding.active:
-                postfix["grounding"] = f"{recent_mean(grounding_losses, 50):.4f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(log.postfix())
             if step % config.probe_every == 0 or step == config.steps:
                 accuracy = probe_single_objects(
                     build_pipeline(vae, emas[1], emas[2], emas[0], config),
@@ -306,15 +302,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
                     true_cfg_scale=5.0,
                     max_sequence_length=config.max_length,
                 )
-                history.append(
-                    {
-                        "step": step,
-                        "minutes": (time.perf_counter() - started) / 60,
-                        "loss": float(np.mean(losses[-200:])),
-                        "grounding_loss": recent_mean(grounding_losses),
-                        "single_object_probe": accuracy,
-                    }
-                )
+                history.append(log.probe_entry(step, (time.perf_counter() - started) / 60, accuracy))
                 logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
             if step % config.checkpoint_every == 0:
                 save_checkpoint(
@@ -335,8 +323,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     metrics = {
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
-        "final_loss": float(np.mean(losses[-200:])) if losses else None,
-        "final_grounding_loss": recent_mean(grounding_losses),
+        **log.final(),
         "history": history,
         "transformer_params_m": sum(p.numel() for p in emas[0].parameters()) / 1e6,
     }

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
+    LossLog,
     ema_update,
     load_checkpoint,
     parse_config,
     probe_single_objects,
-    recent_mean,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -215,8 +215,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         logger.info("unet: resumed at step %d", step)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
-    losses: list[float] = []
-    grounding_losses: list[float] = []
+    log = LossLog()
     with ExitStack() as observing:
         while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
             index = torch.randint(0, len(latents), (config.unet_batch,))
@@ -241,25 +240,13 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 config.ema_decay,
             )
             step += 1
-            losses.append(terms["diffusion"])
-            grounding_losses.append(terms.get("grounding", float("nan")))
+            log.add(terms["diffusion"], terms.get("grounding"))
             bar.update(1)
-            postfix = {"loss": f"{np.mean(losses[-50:]):.4f}"}
-            if terms.get("grounding") is not None:
-                postfix["grounding"] = f"{recent_mean(grounding_losses, 50):.4f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(log.postfix())
             if step % config.probe_every == 0 or step == config.unet_steps:
                 probe_pipeline = build_pipeline(vae, ema_text, ema_unet, config)
                 accuracy = probe_single_objects(probe_pipeline, config.probe_steps, guidance_scale=5.0)
-                history.append(
-                    {
-                        "step": step,
-                        "minutes": (time.perf_counter() - started) / 60,
-                        "loss": float(np.mean(losses[-200:])),
-                        "grounding_loss": recent_mean(grounding_losses),
-                        "single_object_probe": accuracy,
-                    }
-                )
+                history.append(log.probe_entry(step, (time.perf_counter() - started) / 60, accuracy))
                 logger.info("unet: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
             if step % config.checkpoint_every == 0:
                 save_checkpoint(
@@ -282,8 +269,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     metrics = {
         "steps": step,
         "minutes": (time.perf_counter() - started) / 60,
-        "final_loss": float(np.mean(losses[-200:])) if losses else None,
-        "final_grounding_loss": recent_mean(grounding_losses),
+        **log.final(),
         "history": history,
         "unet_params_m": sum(p.numel() for p in ema_unet.parameters()) / 1e6,
     }
