@@ -29,10 +29,18 @@ VARIANTS: dict[str, dict] = {
     "self3-until0.4": {"region_options": {"self_strength": 3.0, "modulation_until": 0.4}},
     "self3-always": {"region_options": {"self_strength": 3.0, "modulation_until": 1.0}},
     "self5": {"region_options": {"self_strength": 5.0, "modulation_until": 0.6}},
+    "self10": {"region_options": {"self_strength": 10.0, "modulation_until": 0.6}},
+    "self30": {"region_options": {"self_strength": 30.0, "modulation_until": 0.6}},
     "weight3": {"weight": 3.0},
     "soft": {"region_mode": "soft"},
     "prompts": {"prompts": True},
     "prompts-base0.3": {"prompts": True, "base_weight": 0.3},
+    "prompts-base0": {"prompts": True, "base_weight": 0.0},
+    "prompts-base0-self3": {
+        "prompts": True,
+        "base_weight": 0.0,
+        "region_options": {"self_strength": 3.0, "modulation_until": 0.6},
+    },
     # Spatial-Temporal control: per-step weights optimized per image against the shapes-world colour loss.
     "optimized": {"optimize": {}},
     "optimized-lr0.3": {"optimize": {"lr": 0.3}},
