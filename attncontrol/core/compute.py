@@ -90,7 +90,25 @@ def attention(
 
     Returns:
         ``[B, H, Sq, Dv]`` in the dtype of ``query``.
+
+    Under CPU autocast (bf16 training on the CPU) the core runs in fp32 with autocast off: the explicit path's fp32
+    logits would otherwise be recast to bf16 by autocast, and PyTorch's bf16 SDPA backward on the CPU is several
+    times slower than its fp32 one (``benchmarks/training_precision.py``), while bf16 convolutions are faster.
     """
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = attention(
+                query.float(),
+                key.float(),
+                value.float(),
+                scale=scale,
+                bias=bias.float() if isinstance(bias, torch.Tensor) else bias,
+                probs_hook=probs_hook,
+                backend=backend,
+                parallel_config=parallel_config,
+                kernel_backend=kernel_backend,
+            )
+        return out.to(query.dtype)
     if bias is not None:
         fused = _masked_kernel(query, key, value, scale, bias, probs_hook, backend, parallel_config, kernel_backend)
         if fused is not None:

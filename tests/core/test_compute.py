@@ -65,3 +65,25 @@ def test_low_precision_keeps_fp32_softmax(dtype):
     assert out.dtype == dtype
     # Only the final rounding to the low-precision dtype may differ from the fp32 computation.
     assert torch.allclose(out.float(), expected, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("with_hook", [False, True])
+def test_cpu_autocast_runs_the_core_in_fp32(with_hook):
+    # bf16 training on the CPU: q/k/v arrive in bf16 from autocast's linear layers; the core must not be recast.
+    torch.manual_seed(0)
+    q, k, v = ((torch.randn(2, 2, 24, 16) * 3).to(torch.bfloat16) for _ in range(3))
+    bias = torch.randn(2, 1, 24, 24)
+    seen = {}
+
+    def hook(probs):
+        seen["dtype"] = probs.dtype
+        return probs
+
+    expected = reference(q.float(), k.float(), v.float(), bias=bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, bias=bias, probs_hook=hook if with_hook else None)
+    assert out.dtype == torch.bfloat16
+    # fp32 inside, one rounding to bf16 at the end (a bf16 matmul of the logits would be off by far more).
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    if with_hook:
+        assert seen["dtype"] == torch.float32
