@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,25 +113,19 @@ class GroundingTerm:
     """The grounding loss inside a training loop: from step ``start`` on, the denoiser's cross-attention (UNet) or
     image-query x text-key attention (Flux) is recorded with gradients and scored against the pool's targets.
 
-    Call :meth:`begin_step` before each forward pass; after it, :meth:`loss` is the step's term while :attr:`active`.
-    The processors are installed on the ``stack`` (an ``ExitStack`` the loop runs in), so they come off when the
-    loop ends, also on an exception.
+    Call :meth:`begin_step` with the loop's controller (:func:`~attncontrol.training.common.training_controller`)
+    before each forward pass; after it, :meth:`loss` is the step's term while :attr:`active`.
     """
 
     def __init__(self, targets: GroundingTargets, weight: float, start: int = 0) -> None:
         self.targets, self.weight, self.start = targets, weight, start
         self.store = AttentionStore(kinds="cross", keep_grad=True)
-        self.controller: AttentionController | None = None
+        self.active = False
 
-    @property
-    def active(self) -> bool:
-        return self.controller is not None
-
-    def begin_step(self, stack: ExitStack, model: Any, step: int) -> None:
-        if self.controller is None and step >= self.start:
-            self.controller = stack.enter_context(AttentionController(model, [self.store]))
-            # Training calls carry random timesteps: one step of their own, so no schedule is looked up.
-            self.controller.set_step(0, num_steps=1)
+    def begin_step(self, controller: AttentionController, step: int) -> None:
+        if not self.active and step >= self.start:
+            controller.add(self.store)
+            self.active = True
             logger.info("grounding loss on from step %d", step)
         self.store.reset()
 

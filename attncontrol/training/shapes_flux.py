@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
     LossLog,
+    autocast,
     ema_update,
     load_checkpoint,
     parse_config,
@@ -38,6 +39,7 @@ from attncontrol.training.common import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    training_controller,
     warmup_cosine,
 )
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
@@ -254,25 +256,29 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
     log = LossLog()
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
+        controller = None
+        if grounding is not None or config.mixed_precision != "no":
+            controller = training_controller(observing, live[0])
         while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
             index = torch.randint(0, len(packed), (config.batch,))
             x0 = packed[index].to(accelerator.device)
             texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
             sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
             if grounding is not None:
-                grounding.begin_step(observing, live[0], step)
+                grounding.begin_step(controller, step)
             noise = torch.randn_like(x0)
             t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
             noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-            prediction = transformer(
-                hidden_states=noisy,
-                timestep=t,
-                encoder_hidden_states=sequence,
-                pooled_projections=pooled,
-                txt_ids=text_ids,
-                img_ids=ids,
-                return_dict=False,
-            )[0]
+            with autocast(config.mixed_precision, x0.device):
+                prediction = transformer(
+                    hidden_states=noisy,
+                    timestep=t,
+                    encoder_hidden_states=sequence,
+                    pooled_projections=pooled,
+                    txt_ids=text_ids,
+                    img_ids=ids,
+                    return_dict=False,
+                )[0]
             if coverage is None:
                 loss = F.mse_loss(prediction.float(), (noise - x0).float())
             else:
@@ -283,7 +289,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
             if grounding is not None and grounding.active:
                 term = grounding.loss(index, texts)
                 loss = loss + grounding.weight * term
-            log.add(flow, term.item() if term is not None else None)
+            log.add({"diffusion": flow, **({"grounding": term.item()} if term is not None else {})})
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
             accelerator.backward(loss)

@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attncontrol.training.binding import BindingHead, binding_targets, scene_colors
 from attncontrol.training.common import (
     LossLog,
+    autocast,
     ema_update,
     load_checkpoint,
     parse_config,
@@ -43,6 +45,7 @@ from attncontrol.training.common import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    training_controller,
     warmup_cosine,
 )
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
@@ -63,6 +66,8 @@ class Config(ShapesTrainingConfig):
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     text_layers: int = 2
+    # Weight of the text encoder's colour-binding loss (attncontrol.training.binding); 0 turns it off.
+    binding_weight: float = 0.0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
     init_from: str = ""
 
@@ -145,8 +150,9 @@ def _pretrained(path: str, text_encoder, unet):
     return loaded_text, loaded_unet
 
 
-def _losses(config: Config, unet, scheduler, batch, encoder_states, grounding, index, texts):
-    """One step's loss: min-SNR-weighted v-prediction, plus the weighted grounding loss once it is on.
+def _losses(config: Config, unet, scheduler, batch, encoder_states, grounding, binding, index, texts):
+    """One step's loss: min-SNR-weighted v-prediction, plus the weighted grounding loss once it is on and the
+    weighted colour-binding loss of the text encoder (``binding``: head and targets, or ``None``).
 
     Returns the total and its terms as floats (for the progress bar and the history)."""
     from diffusers.training_utils import compute_snr
@@ -155,7 +161,8 @@ def _losses(config: Config, unet, scheduler, batch, encoder_states, grounding, i
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device)
     noisy = scheduler.add_noise(batch, noise, timesteps)
     target = scheduler.get_velocity(batch, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_states).sample
+    with autocast(config.mixed_precision, batch.device):
+        prediction = unet(noisy, timesteps, encoder_states).sample
     snr = compute_snr(scheduler, timesteps)
     weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
     loss = (weight * F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))).mean()
@@ -164,6 +171,11 @@ def _losses(config: Config, unet, scheduler, batch, encoder_states, grounding, i
         term = grounding.loss(index, texts)
         loss = loss + grounding.weight * term
         terms["grounding"] = term.item()
+    if binding is not None:
+        head, targets = binding
+        term, accuracy = head(encoder_states, targets)
+        loss = loss + config.binding_weight * term
+        terms["binding"], terms["binding_accuracy"] = term.item(), accuracy.item()
     return loss, terms
 
 
@@ -175,17 +187,19 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     tokenizer = shapes_clip_tokenizer(config.vocab_size, config.max_length)
     # The finest cross-attention grid: the first down block has no attention and halves the latent.
     grounding_grid = latent_grid(vae) // 2
+    per_scene = {}
+    if config.grounding_weight > 0:
+        per_scene["objects"] = partial(scene_objects, grid=grounding_grid)
+    if config.binding_weight > 0:
+        per_scene["colors"] = scene_colors
     latents, captions, extras = encode_pool(
-        vae,
-        config.pool_size,
-        config.seed + 1,
-        config.pool_count_weights,
-        per_scene={"objects": partial(scene_objects, grid=grounding_grid)} if config.grounding_weight > 0 else None,
+        vae, config.pool_size, config.seed + 1, config.pool_count_weights, per_scene=per_scene
     )
     grounding = None
     if "objects" in extras:
         targets = grounding_targets(captions, extras.pop("objects"), tokenizer, grounding_grid)
         grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
+    bound = binding_targets(captions, extras.pop("colors"), tokenizer) if "colors" in extras else None
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -197,7 +211,10 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     if config.init_from:
         text_encoder, unet = _pretrained(config.init_from, text_encoder, unet)
     scheduler = train_scheduler()
+    head = BindingHead(TEXT_HIDDEN).to(accelerator.device) if bound is not None else None
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    if head is not None:
+        params += list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     step = 0
@@ -209,6 +226,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
+        if head is not None:
+            head.load_state_dict(state["binding_head"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         set_rng_state(state["rng"])
@@ -217,6 +236,9 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not accelerator.is_main_process)
     log = LossLog()
     with ExitStack() as observing:
+        controller = None
+        if grounding is not None or config.mixed_precision != "no":
+            controller = training_controller(observing, accelerator.unwrap_model(unet))
         while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
             index = torch.randint(0, len(latents), (config.unet_batch,))
             batch = latents[index].to(accelerator.device)
@@ -226,8 +248,13 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
             ).input_ids
             encoder_states = text_encoder(ids.to(accelerator.device))[0]
             if grounding is not None:
-                grounding.begin_step(observing, accelerator.unwrap_model(unet), step)
-            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, grounding, index, texts)
+                grounding.begin_step(controller, step)
+            binding = None
+            if head is not None:
+                rows = bound[index]
+                rows.labels[torch.tensor([not text for text in texts])] = -100  # dropped captions bind nothing
+                binding = (head, rows)
+            loss, terms = _losses(config, unet, scheduler, batch, encoder_states, grounding, binding, index, texts)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
             accelerator.backward(loss)
@@ -240,7 +267,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 config.ema_decay,
             )
             step += 1
-            log.add(terms["diffusion"], terms.get("grounding"))
+            log.add(terms)
             bar.update(1)
             bar.set_postfix(log.postfix())
             if step % config.probe_every == 0 or step == config.unet_steps:
@@ -256,6 +283,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                         "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
                         "ema_unet": ema_unet.state_dict(),
                         "ema_text": ema_text.state_dict(),
+                        **({"binding_head": head.state_dict()} if head is not None else {}),
                         "optimizer": optimizer.state_dict(),
                         "step": step,
                         "history": history,

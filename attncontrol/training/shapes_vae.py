@@ -54,6 +54,8 @@ class ShapesTrainingConfig:
     # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
     # the first part of the schedule can learn to draw without it.
     grounding_start: int = 0
+    # "bf16": the denoiser's forward pass under bf16 autocast (attention core in fp32), "no": fp32.
+    mixed_precision: str = "no"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
