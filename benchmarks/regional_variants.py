@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict] = {
     "self5": {"region_options": {"self_strength": 5.0, "modulation_until": 0.6}},
     "self10": {"region_options": {"self_strength": 10.0, "modulation_until": 0.6}},
     "self30": {"region_options": {"self_strength": 30.0, "modulation_until": 0.6}},
+    # CLIP's end and padding tokens written after another region's phrase stay visible inside each region.
+    "keep-leaks": {"region_options": {"hide_leaks": False}},
+    "keep-leaks-self3": {"region_options": {"hide_leaks": False, "self_strength": 3.0, "modulation_until": 0.6}},
     "weight3": {"weight": 3.0},
     "soft": {"region_mode": "soft"},
     "prompts": {"prompts": True},
