@@ -270,39 +270,15 @@ class RegionalAttention(AttentionControl):
         if self.base_tokens is not None and (isinstance(base_weight, torch.Tensor) or base_weight != 1.0):
             base = self.base_tokens
             block[inside.any(dim=1), base.start : base.stop] += _log(base_weight)
-        owned = torch.full((count, length), float("-inf"), device=device)
-        is_owned = torch.zeros(length, dtype=torch.bool, device=device)
-        for index, region in enumerate(self.regions):
-            tokens = torch.as_tensor([t for t in region.tokens if t < length], dtype=torch.long, device=device)
-            if tokens.numel() == 0:
-                continue
-            value = torch.where(inside[:, index], _log(region.weight(step)), float("-inf"))[:, None]
-            owned[:, tokens] = torch.maximum(owned[:, tokens], value.expand(-1, tokens.numel()))
-            is_owned[tokens] = True
-        ownership = torch.where(is_owned[None, :], owned, torch.zeros_like(owned))
-        if self.hide_leaks:
-            block = block + self._leak_bias(inside, length, device)
+        owners = self._owners(length, device)
+        log_weights = torch.stack(
+            [torch.as_tensor(_log(region.weight(step)), dtype=torch.float32, device=device) for region in self.regions]
+        )
+        hidden = leaked_tokens([region.tokens for region in self.regions], length, device) if self.hide_leaks else None
+        ownership = hard_text_bias(inside, owners, log_weights=log_weights)
+        if hidden is not None:
+            block = block + hard_text_bias(inside, torch.zeros_like(owners), hidden)
         return block + ownership, ownership
-
-    def _leak_bias(self, inside: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-        """Inside a region, hide the unowned tokens a causal encoder wrote after another region's phrase.
-
-        With CLIP, "and a", the end token and the padding after "red circle" all carry "red circle": they would
-        leak it into the blue square's region. Tokens before every other phrase only know the region's own words.
-        """
-        bias = torch.zeros(inside.shape[0], length, device=device)
-        owned_anywhere = torch.zeros(length, dtype=torch.bool, device=device)
-        for region in self.regions:
-            owned_anywhere[[t for t in region.tokens if t < length]] = True
-        for index, region in enumerate(self.regions):
-            others = [min(other.tokens) for other in self.regions if other is not region and other.tokens]
-            if not others:
-                continue
-            leaked = torch.zeros(length, dtype=torch.bool, device=device)
-            leaked[min(others) :] = True
-            leaked &= ~owned_anywhere
-            bias[inside[:, index][:, None] & leaked[None, :]] = float("-inf")
-        return bias
 
     # ---------------------------------------------------------------- hooks
     def logit_bias(
@@ -489,6 +465,58 @@ class RegionalAttention(AttentionControl):
         attract = labels[:, None] == labels[None, :]
         row_gain = torch.stack([torch.as_tensor(gain, dtype=torch.float32, device=device) for gain in gains])[labels]
         return attract, row_gain[:, None].expand(-1, call.image_tokens)
+
+
+def leaked_tokens(
+    token_lists: Sequence[Sequence[int]], length: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """``[length, regions]`` bool: the tokens to hide inside each region for a causal text encoder (CLIP).
+
+    With CLIP, "and a", the end token and the padding after "red circle" all carry "red circle": inside the blue
+    square's region they would leak it. Every unowned token from the first token of another region's phrase on is
+    hidden there; tokens before every other phrase only know the region's own words.
+    """
+    hidden = torch.zeros(length, len(token_lists), dtype=torch.bool, device=device)
+    owned_anywhere = torch.zeros(length, dtype=torch.bool, device=device)
+    for tokens in token_lists:
+        owned_anywhere[[t for t in tokens if t < length]] = True
+    for index in range(len(token_lists)):
+        others = [min(other) for position, other in enumerate(token_lists) if position != index and other]
+        if others:
+            hidden[min(others) :, index] = True
+    return hidden & ~owned_anywhere[:, None]
+
+
+def hard_text_bias(
+    inside: torch.Tensor,
+    owners: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    *,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The hard-mode rule for image queries over text keys, batched: ``[..., n, tokens]`` logit biases.
+
+    A token owned by regions is visible (bias ``log weight``, the largest over the owning regions the query lies
+    in) only from queries inside one of them; ``hidden`` tokens of a region are masked from queries inside it;
+    other tokens are untouched. One rule for inference (:class:`RegionalAttention`) and for region-masked training.
+
+    Args:
+        inside: ``[..., n, regions]`` bool, which regions each image query lies in.
+        owners: ``[..., tokens, regions]`` bool, which regions own each text token.
+        hidden: ``[..., tokens, regions]`` bool, tokens masked inside each region (:func:`leaked_tokens`).
+        log_weights: ``[..., regions]`` log region weights (default 0: weight 1).
+    """
+    allowed = inside[..., :, None, :] & owners[..., None, :, :]  # [..., n, tokens, regions]
+    if log_weights is None:
+        owned = torch.where(allowed.any(-1), 0.0, float("-inf"))
+    else:
+        values = log_weights[..., None, None, :].to(torch.float32).expand(allowed.shape)
+        owned = torch.where(allowed, values, torch.full_like(values, float("-inf"))).amax(-1)
+    bias = torch.where(owners.any(-1)[..., None, :], owned, torch.zeros_like(owned))
+    if hidden is not None:
+        masked = (inside[..., :, None, :] & hidden[..., None, :, :]).any(-1)
+        bias = bias.masked_fill(masked, float("-inf"))
+    return bias
 
 
 def _log(weight: Weight) -> Weight:

@@ -49,6 +49,7 @@ from attncontrol.training.common import (
     warmup_cosine,
 )
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
+from attncontrol.training.layouts import RegionMaskedTraining, layout_targets, scene_boxes
 from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, latent_grid, train_vae
 
@@ -70,6 +71,11 @@ class Config(ShapesTrainingConfig):
     binding_weight: float = 0.0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
     init_from: str = ""
+    # Share of the captioned rows trained through hard region masks around their objects (attncontrol.training.
+    # layouts), from step ``region_start`` on, with regions grown by up to ``region_margin`` pixels; 0 turns it off.
+    region_fraction: float = 0.0
+    region_start: int = 0
+    region_margin: float = 24.0
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -192,6 +198,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         per_scene["objects"] = partial(scene_objects, grid=grounding_grid)
     if config.binding_weight > 0:
         per_scene["colors"] = scene_colors
+    if config.region_fraction > 0:
+        per_scene["boxes"] = scene_boxes
     latents, captions, extras = encode_pool(
         vae, config.pool_size, config.seed + 1, config.pool_count_weights, per_scene=per_scene
     )
@@ -200,6 +208,16 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
         targets = grounding_targets(captions, extras.pop("objects"), tokenizer, grounding_grid)
         grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
     bound = binding_targets(captions, extras.pop("colors"), tokenizer) if "colors" in extras else None
+    regions = None
+    if "boxes" in extras:
+        regions = RegionMaskedTraining(
+            layout_targets(captions, extras.pop("boxes"), tokenizer),
+            fraction=config.region_fraction,
+            start=config.region_start,
+            max_margin=config.region_margin,
+            text_length=config.max_length,
+            seed=config.seed,
+        )
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -237,7 +255,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     log = LossLog()
     with ExitStack() as observing:
         controller = None
-        if grounding is not None or config.mixed_precision != "no":
+        if grounding is not None or regions is not None or config.mixed_precision != "no":
             controller = training_controller(observing, accelerator.unwrap_model(unet))
         while step < config.unet_steps and (time.perf_counter() - started) / 60 < config.unet_minutes:
             index = torch.randint(0, len(latents), (config.unet_batch,))
@@ -249,6 +267,8 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
             encoder_states = text_encoder(ids.to(accelerator.device))[0]
             if grounding is not None:
                 grounding.begin_step(controller, step)
+            if regions is not None:
+                regions.begin_step(controller, step, index, texts)
             binding = None
             if head is not None:
                 rows = bound[index]

@@ -1,0 +1,186 @@
+"""Region-masked training: some captions are seen through the hard region masks of the regional controls.
+
+A model trained only on full captions draws an object where its starting noise favours one, and the hard masks of
+:class:`~attncontrol.controls.RegionalAttention` can then only decide *which* object a spot shows, not *where*
+objects appear: on the shipped shapes model a single "red circle" region in a corner leaves the circle where the
+seed put it, and objects that the noise puts on a region border come out as blends. GLIGEN and InstanceDiffusion
+teach a model layouts by training with them. Here the layout is the attention mask itself: for a share of the
+rows, each object's colour and shape words are visible only inside a random box around that object, with the leak
+rule of the inference control (:func:`~attncontrol.controls.regions.hard_text_bias`), so at sampling time a
+region says where its object must be, in the same terms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attncontrol.controls.regions import hard_text_bias, leaked_tokens
+from attncontrol.core.control import AttentionCall, AttentionControl
+from attncontrol.core.controller import AttentionController
+from attncontrol.core.tokens import token_indices
+from attncontrol.shapes.scenes import IMAGE_SIZE, Scene
+
+logger = logging.getLogger(__name__)
+
+MAX_OBJECTS = 3
+MAX_PHRASE_TOKENS = 2 * MAX_OBJECTS  # "colour shape", once per object of that phrase
+
+
+def scene_boxes(scene: Scene) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """``(phrase, box)`` per distinct "colour shape" of the scene; identical objects share their union box."""
+    boxes: dict[str, tuple[int, int, int, int]] = {}
+    for obj in scene.objects:
+        phrase = f"{obj.color} {obj.shape}"
+        if phrase in boxes:
+            x0, y0, x1, y1 = boxes[phrase]
+            obj_box = obj.box
+            boxes[phrase] = (min(x0, obj_box[0]), min(y0, obj_box[1]), max(x1, obj_box[2]), max(y1, obj_box[3]))
+        else:
+            boxes[phrase] = tuple(int(v) for v in obj.box)
+    return list(boxes.items())
+
+
+@dataclass
+class LayoutTargets:
+    """Per caption: each object's token positions and pixel box.
+
+    ``tokens`` ``[N, O, T]`` (``-1`` where unused), ``boxes`` ``[N, O, 4]`` (x0, y0, x1, y1 exclusive, pixels),
+    ``valid`` ``[N, O]``.
+    """
+
+    tokens: torch.Tensor
+    boxes: torch.Tensor
+    valid: torch.Tensor
+
+
+def layout_targets(
+    captions: Sequence[str], layouts: Sequence[list[tuple[str, tuple[int, int, int, int]]]], tokenizer: Any
+) -> LayoutTargets:
+    count = len(captions)
+    tokens = torch.full((count, MAX_OBJECTS, MAX_PHRASE_TOKENS), -1, dtype=torch.long)
+    boxes = torch.zeros(count, MAX_OBJECTS, 4)
+    valid = torch.zeros(count, MAX_OBJECTS, dtype=torch.bool)
+    for row, (caption, phrases) in enumerate(zip(captions, layouts, strict=True)):
+        if len(phrases) > MAX_OBJECTS:
+            raise ValueError(f"caption {caption!r} has more than {MAX_OBJECTS} objects")
+        for slot, (phrase, box) in enumerate(phrases):
+            found = token_indices(tokenizer, caption, phrase, name="phrase")
+            if len(found) > MAX_PHRASE_TOKENS:
+                raise ValueError(f"caption {caption!r} names {phrase!r} more than {MAX_OBJECTS} times")
+            tokens[row, slot, : len(found)] = torch.as_tensor(found)
+            boxes[row, slot] = torch.as_tensor(box, dtype=torch.float32)
+            valid[row, slot] = True
+    return LayoutTargets(tokens, boxes, valid)
+
+
+def random_regions(
+    boxes: torch.Tensor, max_margin: float, generator: torch.Generator | None = None, size: int = IMAGE_SIZE
+) -> torch.Tensor:
+    """Each box grown by an independent random margin in ``[0, max_margin]`` pixels per side, clipped to the image:
+    regions hold their object anywhere inside them, from a tight box to about half the image."""
+    margins = torch.rand(*boxes.shape, generator=generator) * max_margin
+    grown = boxes + margins * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    return grown.clamp(0, size)
+
+
+class RegionMaskedTraining(AttentionControl):
+    """Hard region masks on the cross-attention of chosen training rows (the others are untouched).
+
+    Call :meth:`begin_step` before each forward pass with the batch's pool rows and captions; from step ``start``
+    on, a ``fraction`` of the rows with objects get random regions around their objects (:func:`random_regions`).
+    """
+
+    def __init__(
+        self,
+        targets: LayoutTargets,
+        *,
+        fraction: float,
+        start: int = 0,
+        max_margin: float = 24.0,
+        text_length: int = 77,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"`fraction` must be in (0, 1], got {fraction}")
+        self.targets, self.fraction, self.start = targets, float(fraction), int(start)
+        self.max_margin, self.text_length = float(max_margin), int(text_length)
+        self.seed = int(seed)
+        self.generator = torch.Generator()
+        self.installed = False
+        self._rows: torch.Tensor | None = None  # batch positions that are masked this step
+        self._regions: torch.Tensor | None = None  # [masked rows, O, 4] pixels
+        self._owners: torch.Tensor | None = None  # [masked rows, text, O]
+        self._hidden: torch.Tensor | None = None  # [masked rows, text, O]
+        self._valid: torch.Tensor | None = None  # [masked rows, O]: which object slots are used
+        self._bias: dict[tuple[int, int], torch.Tensor] = {}
+
+    def applies_to_layer(self, layer) -> bool:
+        return super().applies_to_layer(layer) and layer.kind == "cross"
+
+    def begin_step(self, controller: AttentionController, step: int, index: torch.Tensor, texts: Sequence[str]) -> int:
+        """Choose this step's masked rows and their regions; returns how many rows are masked."""
+        self._bias.clear()
+        self._rows = None
+        if step < self.start:
+            return 0
+        # Seeded by the step: a resumed run draws the same regions as an uninterrupted one.
+        self.generator.manual_seed(self.seed * 1_000_003 + step)
+        if not self.installed:
+            controller.add(self)
+            self.installed = True
+            logger.info("region-masked training on from step %d (%.0f%% of the rows)", step, self.fraction * 100)
+        has_objects = self.targets.valid[index].any(1) & torch.tensor([bool(text) for text in texts])
+        chosen = has_objects & (torch.rand(len(index), generator=self.generator) < self.fraction)
+        if not chosen.any():
+            return 0
+        rows = chosen.nonzero().squeeze(1)
+        pool_rows = index[rows]
+        valid = self.targets.valid[pool_rows]  # [M, O]
+        regions = random_regions(self.targets.boxes[pool_rows], self.max_margin, self.generator)
+        owners = torch.zeros(len(rows), self.text_length, MAX_OBJECTS, dtype=torch.bool)
+        hidden = torch.zeros_like(owners)
+        for position, pool_row in enumerate(pool_rows.tolist()):
+            lists = []
+            for slot in range(MAX_OBJECTS):
+                tokens = self.targets.tokens[pool_row, slot]
+                tokens = tokens[(tokens >= 0) & (tokens < self.text_length)].tolist()
+                owners[position, tokens, slot] = True
+                lists.append(tokens if valid[position, slot] else [])
+            hidden[position] = leaked_tokens(lists, self.text_length)
+        self._rows, self._regions, self._owners, self._hidden = rows, regions, owners, hidden
+        self._valid = valid
+        return len(rows)
+
+    def _inside(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[M, cells, O]`` bool: whether each cell's centre lies in each region (unused slots: nowhere)."""
+        height, width = grid
+        ys = (torch.arange(height, dtype=torch.float32) + 0.5) * (IMAGE_SIZE / height)
+        xs = (torch.arange(width, dtype=torch.float32) + 0.5) * (IMAGE_SIZE / width)
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        x, y = x.reshape(1, -1, 1), y.reshape(1, -1, 1)
+        boxes = self._regions[:, None]  # [M, 1, O, 4]
+        inside = (x >= boxes[..., 0]) & (x < boxes[..., 2]) & (y >= boxes[..., 1]) & (y < boxes[..., 3])
+        return inside & self._valid[:, None, :]
+
+    def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        if self._rows is None:
+            return None
+        batch, queries, keys = query.shape[0], query.shape[2], key.shape[2]
+        cache = (call.grid, keys)
+        if cache not in self._bias:
+            if queries != call.grid[0] * call.grid[1] or keys > self.text_length:
+                raise ValueError(
+                    f"region-masked training: layer {call.layer.name} has {queries} queries on grid {call.grid} "
+                    f"and {keys} keys (text length {self.text_length})"
+                )
+            masked = hard_text_bias(self._inside(call.grid), self._owners[:, :keys], self._hidden[:, :keys])
+            bias = torch.zeros(batch, 1, queries, keys)
+            bias[self._rows, 0] = masked
+            self._bias[cache] = bias.to(device=query.device)
+        return self._bias[cache].to(query.dtype)

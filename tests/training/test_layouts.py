@@ -1,0 +1,111 @@
+"""Region-masked training hides each object's words outside a box around it, with the inference control's rule."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+
+import torch
+
+from attncontrol.controls.regions import hard_text_bias, leaked_tokens
+from attncontrol.core.store import AttentionStore
+from attncontrol.shapes.scenes import ObjectSpec, render
+from attncontrol.testing.tiny import clip_tokenizer
+from attncontrol.training import shapes_sd
+from attncontrol.training.common import training_controller
+from attncontrol.training.layouts import RegionMaskedTraining, layout_targets, random_regions, scene_boxes
+from attncontrol.training.shapes_text import TEXT_HIDDEN
+from tests.training.test_shapes_sd import TINY
+
+CAPTION = "a red circle and a blue square"  # tokens: 0 start, 1 a, 2 red, 3 circle, 4 and, 5 a, 6 blue, 7 square, 8 end
+
+
+def _scene():
+    scene = render([ObjectSpec("red", "circle", 14, 16, 8), ObjectSpec("blue", "square", 48, 46, 9)])
+    scene.caption = CAPTION
+    return scene
+
+
+def test_the_rule_hides_owned_tokens_outside_and_leaked_tokens_inside():
+    inside = torch.tensor([[True, False], [False, True], [False, False]])  # queries in region 0, 1, none
+    owners = torch.zeros(10, 2, dtype=torch.bool)
+    owners[[2, 3], 0] = owners[[6, 7], 1] = True
+    hidden = leaked_tokens([[2, 3], [6, 7]], 10)
+    # Inside region 0 everything unowned from "blue" on (end, padding) carries "blue square"; inside region 1
+    # everything unowned from "red" on ("and a", end, padding) carries "red circle".
+    assert hidden[:, 0].nonzero().squeeze(1).tolist() == [8, 9]
+    assert hidden[:, 1].nonzero().squeeze(1).tolist() == [4, 5, 8, 9]
+    bias = hard_text_bias(inside, owners, hidden)
+    visible = [(row == 0).nonzero().squeeze(1).tolist() for row in bias]
+    assert visible == [[0, 1, 2, 3, 4, 5], [0, 1, 6, 7], [0, 1, 4, 5, 8, 9]]
+    assert set(bias.unique().tolist()) == {0.0, float("-inf")}
+    # Batched: the same rule per leading index.
+    torch.testing.assert_close(hard_text_bias(inside[None].repeat(2, 1, 1), owners[None], hidden[None])[1], bias)
+
+
+def test_targets_and_regions_hold_every_object():
+    scene = _scene()
+    targets = layout_targets([CAPTION], [scene_boxes(scene)], clip_tokenizer(max_length=77))
+    assert targets.valid[0].tolist() == [True, True, False]
+    assert targets.tokens[0, 0, :2].tolist() == [2, 3] and targets.tokens[0, 1, :2].tolist() == [6, 7]
+    assert (targets.tokens[0, :, 2:] == -1).all() and (targets.tokens[0, 2] == -1).all()
+    assert targets.boxes[0, 0].tolist() == list(scene.objects[0].box)
+    regions = random_regions(targets.boxes.repeat(50, 1, 1), 24.0, torch.Generator().manual_seed(0))
+    box = targets.boxes[0, :2]
+    assert (regions[:, :2, :2] <= box[:, :2]).all() and (regions[:, :2, 2:] >= box[:, 2:]).all()
+    assert regions.min() >= 0 and regions.max() <= 64 and (regions[:, :2] != box).any()
+
+
+def _unet():
+    torch.manual_seed(0)
+    return shapes_sd.build_unet((16, 16, 16), latent_channels=4, sample_size=32).eval()
+
+
+def test_masked_rows_never_attend_an_object_word_outside_its_region():
+    targets = layout_targets([CAPTION] * 2, [scene_boxes(_scene())] * 2, clip_tokenizer(max_length=77))
+    masking = RegionMaskedTraining(targets, fraction=1.0, max_margin=8.0, seed=3)
+    store = AttentionStore(kinds="cross", keep_grad=True)
+    unet = _unet()
+    latents, states = torch.randn(2, 4, 32, 32), torch.randn(2, 77, TEXT_HIDDEN)
+    with ExitStack() as stack:
+        controller = training_controller(stack, unet)
+        controller.add(store)
+        # Row 1's caption was dropped: only row 0 is masked.
+        assert masking.begin_step(controller, 0, torch.tensor([0, 1]), [CAPTION, ""]) == 1
+        with torch.no_grad():
+            masked = unet(latents, torch.tensor([500, 500]), states).sample
+        regions = masking._regions[0]
+        records = store.records("cross")
+        assert records
+        for record in records:
+            height, width = record.grid
+            cell = 64 / height
+            ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+            cx, cy = ((xs + 0.5) * cell).reshape(-1), ((ys + 0.5) * cell).reshape(-1)
+            for slot, tokens in ((0, [2, 3]), (1, [6, 7])):
+                x0, y0, x1, y1 = regions[slot].tolist()
+                inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+                assert inside.any() and (~inside).any()
+                assert record.probs[0][~inside][:, tokens].abs().max() == 0
+                assert record.probs[0][inside][:, tokens].min() > 0
+                assert record.probs[1][:, tokens].min() > 0
+        # The same step draws the same regions (a resumed run matches an uninterrupted one); the next differs.
+        masking.begin_step(controller, 0, torch.tensor([0, 1]), [CAPTION, ""])
+        torch.testing.assert_close(masking._regions[0], regions)
+        masking.begin_step(controller, 1, torch.tensor([0, 1]), [CAPTION, ""])
+        assert not torch.equal(masking._regions[0], regions)
+        masking.begin_step(controller, 0, torch.tensor([0, 1]), [CAPTION, ""])
+        with torch.no_grad():
+            again = unet(latents, torch.tensor([500, 500]), states).sample
+    torch.testing.assert_close(again, masked)
+    with torch.no_grad():
+        plain = unet(latents, torch.tensor([500, 500]), states).sample
+    torch.testing.assert_close(plain[1], masked[1], atol=1e-5, rtol=1e-5)  # the unmasked row is untouched
+    assert (plain[0] - masked[0]).abs().max() > 1e-4
+
+
+def test_training_with_region_masks_runs_and_exports(tmp_path):
+    out = tmp_path / "run"
+    shapes_sd.main(["--out", str(out), "--unet-steps", "2", "--region-fraction", "0.5", *TINY])
+    assert json.loads((out / "unet_metrics.json").read_text())["steps"] == 2
+    assert (out / "pipeline" / "model_index.json").exists()
