@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="score a model on the shapes-world prompt suite")
     bench_parser.add_argument("--model", default=None, help=f"as for generate (default: {default_model()})")
     bench_parser.add_argument(
-        "--task", action="append", default=None, help="task to run (repeatable; default: single and two)"
+        "--task",
+        action="append",
+        default=None,
+        help="single, two, layout, layout-baseline, placement or placement-baseline (repeatable; default: single "
+        "and two)",
     )
     bench_parser.add_argument("--num-seeds", type=int, default=17, help="seeds per prompt (default: 17)")
     bench_parser.add_argument("--steps", type=int, default=25)

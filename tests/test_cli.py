@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from attncontrol.cli import main
+from attncontrol.shapes.bench import TASKS
 
 
 def test_generate_writes_image_heatmaps_and_settings(tmp_path):
@@ -48,3 +50,10 @@ def test_bench_command_prints_and_saves_a_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| single object |" in printed and "| 12 |" in printed
     assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["total"] == 12
+
+
+def test_bench_help_names_every_task(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(task in printed for task in TASKS)

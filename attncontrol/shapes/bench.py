@@ -234,14 +234,39 @@ def layout_cases(num_seeds: int, *, use_regions: bool = True, seed_offset: int =
     return cases
 
 
+QUADRANTS = (
+    (0, 0, HALF, HALF),
+    (HALF, 0, IMAGE_SIZE, HALF),
+    (0, HALF, HALF, IMAGE_SIZE),
+    (HALF, HALF, IMAGE_SIZE, IMAGE_SIZE),
+)
+
+
+def placement_cases(num_seeds: int, *, use_regions: bool = True, seed_offset: int = 0) -> list[BenchCase]:
+    """Every single-object prompt with one region in each image quadrant: does a region move its object there?
+
+    12 prompts x 4 quadrants; the baseline (``use_regions=False``) is scored against the same quadrants, so it is
+    near 25% when the seed alone decides where the object lands.
+    """
+    task = "placement" if use_regions else "placement baseline"
+    return [
+        BenchCase(task, f"a {color} {shape}", seed_offset + seed, ((color, shape),), (box,), use_regions)
+        for color, shape in itertools.product(COLORS, SHAPES)
+        for box in QUADRANTS
+        for seed in range(num_seeds)
+    ]
+
+
 TASKS: dict[str, Callable[[int], list[BenchCase]]] = {
     "single": single_object_cases,
     "two": two_object_cases,
     "layout": layout_cases,
     "layout-baseline": lambda num_seeds: layout_cases(num_seeds, use_regions=False),
+    "placement": placement_cases,
+    "placement-baseline": lambda num_seeds: placement_cases(num_seeds, use_regions=False),
 }
 # Tasks whose report row is compared with a baseline row of the same cases (difference with a 95% interval).
-BASELINES = {"layout": "layout baseline"}
+BASELINES = {"layout": "layout baseline", "placement": "placement baseline"}
 
 
 def generate_images(

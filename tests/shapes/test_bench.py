@@ -12,10 +12,14 @@ from PIL import Image
 
 from attncontrol.shapes import ObjectSpec, render
 from attncontrol.shapes.bench import (
+    BASELINES,
+    QUADRANTS,
+    case_success,
     difference_interval,
     layout_cases,
     objects_in_boxes,
     objects_present,
+    placement_cases,
     run_bench,
     single_object_cases,
     two_object_cases,
@@ -122,6 +126,18 @@ def test_layout_cases_and_scoring_by_box():
     left, right = (0, 0, 32, 64), (32, 0, 64, 64)
     assert objects_in_boxes(found, [("red", "circle"), ("blue", "square")], [left, right])
     assert not objects_in_boxes(found, [("red", "circle"), ("blue", "square")], [right, left])
+
+
+def test_placement_cases_put_every_single_object_in_every_quadrant():
+    cases = placement_cases(2)
+    assert len(cases) == 12 * 4 * 2 and all(c.use_regions and len(c.boxes) == 1 for c in cases)
+    assert {c.boxes[0] for c in cases} == set(QUADRANTS)
+    baseline = placement_cases(2, use_regions=False)
+    assert [(c.prompt, c.seed, c.boxes) for c in baseline] == [(c.prompt, c.seed, c.boxes) for c in cases]
+    assert {c.task for c in baseline} == {"placement baseline"} and "placement" in BASELINES
+    found = detect(render([ObjectSpec("red", "circle", 48, 16, 8)]).image)
+    scored = [case_success(c, found) for c in cases if c.prompt == "a red circle" and c.seed == 0]
+    assert scored == [False, True, False, False]  # the quadrants in order: top left, top right, ...
 
 
 def test_difference_interval_matches_newcombe():
