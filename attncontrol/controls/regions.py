@@ -34,7 +34,7 @@ from attncontrol.core.bias import GroupedBias, add_biases
 from attncontrol.core.control import AttentionCall, AttentionControl, StepSpec
 from attncontrol.core.errors import MaskError, RegionError
 from attncontrol.core.layers import LayerSpec
-from attncontrol.core.masks import MaskLike, SpatialMask, circle_mask
+from attncontrol.core.masks import MaskLike, SpatialMask, cells_inside, circle_mask
 from attncontrol.core.state import StepState
 
 WeightSpec = Union[float, Sequence[float], Callable[[float], float], torch.Tensor]  # noqa: UP007 - runtime alias
@@ -147,10 +147,7 @@ class ResolvedRegion:
         key = (tuple(grid), str(device))
         cached = self._inside.get(key)
         if cached is None:
-            coverage = self.mask.at(grid, device=device)
-            cached = coverage >= 0.5
-            if not bool(cached.any()):
-                cached = coverage >= coverage.max()
+            cached = cells_inside(self.mask.at(grid, device=device))
             self._inside[key] = cached
         return cached
 

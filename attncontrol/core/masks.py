@@ -170,6 +170,13 @@ def resize_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
+def cells_inside(coverage: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[..., cells]`` from coverage ``[..., cells]``: cells at least half covered, never none (the best
+    cell at least). The one membership rule of regions, at inference and in region-masked training."""
+    inside = coverage >= 0.5
+    return inside | ((coverage >= coverage.amax(-1, keepdim=True)) & ~inside.any(-1, keepdim=True))
+
+
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """Grow a ``[H, W]`` mask by ``pixels`` (square structuring element); negative values erode."""
     if pixels == 0:

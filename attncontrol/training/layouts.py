@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attncontrol.controls.regions import hard_text_bias, leaked_tokens
 from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.controller import AttentionController
+from attncontrol.core.masks import cells_inside
 from attncontrol.core.tokens import token_indices
 from attncontrol.shapes.scenes import IMAGE_SIZE, Scene
 
@@ -158,15 +160,15 @@ class RegionMaskedTraining(AttentionControl):
         return len(rows)
 
     def _inside(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``[M, cells, O]`` bool: whether each cell's centre lies in each region (unused slots: nowhere)."""
-        height, width = grid
-        ys = (torch.arange(height, dtype=torch.float32) + 0.5) * (IMAGE_SIZE / height)
-        xs = (torch.arange(width, dtype=torch.float32) + 0.5) * (IMAGE_SIZE / width)
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        x, y = x.reshape(1, -1, 1), y.reshape(1, -1, 1)
-        boxes = self._regions[:, None]  # [M, 1, O, 4]
-        inside = (x >= boxes[..., 0]) & (x < boxes[..., 2]) & (y >= boxes[..., 1]) & (y < boxes[..., 3])
-        return inside & self._valid[:, None, :]
+        """``[M, cells, O]`` bool, by the inference rule (:func:`~attncontrol.core.masks.cells_inside` of each box's
+        area coverage); unused slots are nowhere."""
+        centres = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
+        boxes = self._regions[..., None]  # [M, O, 4, 1]
+        columns = (centres >= boxes[:, :, 0]) & (centres < boxes[:, :, 2])  # [M, O, W]
+        rows = (centres >= boxes[:, :, 1]) & (centres < boxes[:, :, 3])  # [M, O, H]
+        pixels = (rows[..., :, None] & columns[..., None, :]).float()  # [M, O, H, W]
+        coverage = F.adaptive_avg_pool2d(pixels.flatten(0, 1)[:, None], grid).reshape(*pixels.shape[:2], -1)
+        return cells_inside(coverage).transpose(1, 2) & self._valid[:, None, :]
 
     def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         if self._rows is None:

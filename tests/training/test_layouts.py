@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import torch
 
 from attncontrol.controls.regions import hard_text_bias, leaked_tokens
+from attncontrol.core.masks import resize_to_grid
 from attncontrol.core.store import AttentionStore
 from attncontrol.shapes.scenes import ObjectSpec, render
 from attncontrol.testing.tiny import clip_tokenizer
@@ -78,13 +79,14 @@ def test_masked_rows_never_attend_an_object_word_outside_its_region():
         records = store.records("cross")
         assert records
         for record in records:
-            height, width = record.grid
-            cell = 64 / height
-            ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-            cx, cy = ((xs + 0.5) * cell).reshape(-1), ((ys + 0.5) * cell).reshape(-1)
             for slot, tokens in ((0, [2, 3]), (1, [6, 7])):
+                # The inference rule: cells at least half covered by the region's box.
                 x0, y0, x1, y1 = regions[slot].tolist()
-                inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+                plane = torch.zeros(64, 64)
+                centres = torch.arange(64) + 0.5
+                plane[(centres >= y0) & (centres < y1)] += 1
+                plane[:, (centres >= x0) & (centres < x1)] += 1
+                inside = resize_to_grid((plane == 2).float(), record.grid).reshape(-1) >= 0.5
                 assert inside.any() and (~inside).any()
                 assert record.probs[0][~inside][:, tokens].abs().max() == 0
                 assert record.probs[0][inside][:, tokens].min() > 0
