@@ -272,9 +272,9 @@ class RegionalAttention(AttentionControl):
             [torch.as_tensor(_log(region.weight(step)), dtype=torch.float32, device=device) for region in self.regions]
         )
         hidden = leaked_tokens([region.tokens for region in self.regions], length, device) if self.hide_leaks else None
-        ownership = hard_text_bias(inside, owners, log_weights=log_weights)
+        ownership = ownership_bias(inside, owners, log_weights)
         if hidden is not None:
-            block = block + hard_text_bias(inside, torch.zeros_like(owners), hidden)
+            block = block + leak_bias(inside, hidden)
         return block + ownership, ownership
 
     # ---------------------------------------------------------------- hooks
@@ -503,17 +503,25 @@ def hard_text_bias(
         hidden: ``[..., tokens, regions]`` bool, tokens masked inside each region (:func:`leaked_tokens`).
         log_weights: ``[..., regions]`` log region weights (default 0: weight 1).
     """
+    bias = ownership_bias(inside, owners, log_weights)
+    return bias if hidden is None else bias + leak_bias(inside, hidden)
+
+
+def ownership_bias(inside: torch.Tensor, owners: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ownership half of :func:`hard_text_bias`: 0 / log weight / -inf on owned tokens, 0 elsewhere."""
     allowed = inside[..., :, None, :] & owners[..., None, :, :]  # [..., n, tokens, regions]
     if log_weights is None:
         owned = torch.where(allowed.any(-1), 0.0, float("-inf"))
     else:
         values = log_weights[..., None, None, :].to(torch.float32).expand(allowed.shape)
         owned = torch.where(allowed, values, torch.full_like(values, float("-inf"))).amax(-1)
-    bias = torch.where(owners.any(-1)[..., None, :], owned, torch.zeros_like(owned))
-    if hidden is not None:
-        masked = (inside[..., :, None, :] & hidden[..., None, :, :]).any(-1)
-        bias = bias.masked_fill(masked, float("-inf"))
-    return bias
+    return torch.where(owners.any(-1)[..., None, :], owned, torch.zeros_like(owned))
+
+
+def leak_bias(inside: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The leak half of :func:`hard_text_bias`: -inf where a query lies in a region that hides the token, else 0."""
+    masked = (inside[..., :, None, :] & hidden[..., None, :, :]).any(-1)
+    return torch.zeros(masked.shape, device=masked.device).masked_fill(masked, float("-inf"))
 
 
 def _log(weight: Weight) -> Weight:

@@ -76,6 +76,21 @@ class Scene:
     background: str
     specs: list[ObjectSpec] = field(default_factory=list)
 
+    def phrase_masks(self) -> dict[str, np.ndarray]:
+        """Pixel mask per distinct "colour shape" phrase, in caption order: identical objects share one union
+        mask, because a caption's words cannot tell them apart."""
+        unions: dict[str, np.ndarray] = {}
+        for obj in self.objects:
+            phrase = f"{obj.color} {obj.shape}"
+            unions[phrase] = unions.get(phrase, np.zeros_like(obj.mask)) | obj.mask
+        return unions
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight box ``(x0, y0, x1, y1)`` (exclusive ends) of a non-empty pixel mask."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
 
 def shape_mask(shape: str, x: float, y: float, half: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean [size, size] mask of one shape, sampled at pixel centres (crisp edges, no anti-aliasing).
@@ -110,8 +125,8 @@ def render(specs: Sequence[ObjectSpec], background: str = DEFAULT_BACKGROUND, si
             raise ValueError(f"object {spec} falls outside the {size}x{size} image")
         image[mask] = COLORS[spec.color]
         ys, xs = np.nonzero(mask)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        objects.append(SceneObject(spec.color, spec.shape, mask, box, (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)))
+        centroid = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
+        objects.append(SceneObject(spec.color, spec.shape, mask, mask_box(mask), centroid))
     return Scene(image, caption_for(specs, background, spatial=False), objects, background, list(specs))
 
 

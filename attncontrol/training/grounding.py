@@ -33,13 +33,9 @@ MAX_GROUNDED_TOKENS = 6
 def scene_objects(scene: Scene, grid: int) -> list[tuple[str, torch.Tensor]]:
     """``(phrase, coverage)`` per distinct "colour shape" of the scene: the share of each cell of a ``grid`` x
     ``grid`` division covered by the objects of that phrase (identical objects share one union mask)."""
-    unions: dict[str, np.ndarray] = {}
-    for obj in scene.objects:
-        phrase = f"{obj.color} {obj.shape}"
-        unions[phrase] = unions.get(phrase, np.zeros_like(obj.mask)) | obj.mask
     return [
         (phrase, resize_to_grid(torch.from_numpy(mask.astype(np.float32)), (grid, grid)).reshape(-1).half())
-        for phrase, mask in unions.items()
+        for phrase, mask in scene.phrase_masks().items()
     ]
 
 

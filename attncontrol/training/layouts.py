@@ -25,7 +25,7 @@ from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.masks import cells_inside
 from attncontrol.core.tokens import token_indices
-from attncontrol.shapes.scenes import IMAGE_SIZE, Scene
+from attncontrol.shapes.scenes import IMAGE_SIZE, Scene, mask_box
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,7 @@ MAX_PHRASE_TOKENS = 2 * MAX_OBJECTS  # "colour shape", once per object of that p
 
 def scene_boxes(scene: Scene) -> list[tuple[str, tuple[int, int, int, int]]]:
     """``(phrase, box)`` per distinct "colour shape" of the scene; identical objects share their union box."""
-    boxes: dict[str, tuple[int, int, int, int]] = {}
-    for obj in scene.objects:
-        phrase = f"{obj.color} {obj.shape}"
-        if phrase in boxes:
-            x0, y0, x1, y1 = boxes[phrase]
-            obj_box = obj.box
-            boxes[phrase] = (min(x0, obj_box[0]), min(y0, obj_box[1]), max(x1, obj_box[2]), max(y1, obj_box[3]))
-        else:
-            boxes[phrase] = tuple(int(v) for v in obj.box)
-    return list(boxes.items())
+    return [(phrase, mask_box(mask)) for phrase, mask in scene.phrase_masks().items()]
 
 
 @dataclass
