@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: the smoke mode runs every method of every op under the interpreter and writes its JSON;
+"""benchmarks/kernel_bench.py: the smoke mode runs every method of every op under the interpreter and writes its JSON;
 without a GPU and without --smoke it says it needs one; --compile-only builds kernels for a GPU without one."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
 
 
 def _run(*arguments: str) -> subprocess.CompletedProcess:

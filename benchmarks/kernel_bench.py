@@ -16,7 +16,7 @@ The roofline reference is the device's measured copy bandwidth (read + write of 
 
 Run on a GPU (results go to benchmarks/results/kernels-<device name>.json and .md):
 
-    python benchmarks/kernels.py --json            # forward; add --backward for forward + backward
+    python benchmarks/kernel_bench.py --json            # forward; add --backward for forward + backward
 
 On a machine without CUDA it says so and exits; ``--smoke`` instead runs tiny shapes under the Triton interpreter
 on the CPU, to check that the script and every method run (its times mean nothing), and ``--compile-only [ARCH]``
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.smoke and not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py measures the Triton kernels on a CUDA GPU, and torch sees none here.\n"
+            "benchmarks/kernel_bench.py measures the Triton kernels on a CUDA GPU, and torch sees none here.\n"
             "Run it on a GPU machine, or pass --smoke to check the script on the CPU under the Triton interpreter.",
             file=sys.stderr,
         )
