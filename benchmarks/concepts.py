@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import platform
+from collections import Counter
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from _results import save_results
 
 from attncontrol.shapes.bench import wilson_interval
-from attncontrol.shapes.concept_bench import METHODS, concept_scenes, run_concept_case
+from attncontrol.shapes.concept_bench import FAILURE_KINDS, METHODS, case_failures, concept_scenes, run_concept_case
 from attncontrol.training.concepts import Config
 
 
@@ -100,7 +101,8 @@ def main() -> None:
 
 
 def summarize(cases: list[dict]) -> list[dict]:
-    """One row per method label: token successes over all scenes, the worst token, joint successes, minutes."""
+    """One row per method label: token successes over all scenes, the worst token, joint successes, minutes, and
+    the failed token images by kind (``FAILURE_KINDS``)."""
     rows = []
     for method in dict.fromkeys(case["method"] for case in cases):
         mine = [case for case in cases if case["method"] == method]
@@ -113,6 +115,7 @@ def summarize(cases: list[dict]) -> list[dict]:
                 "joint": sum(case["joint_successes"] for case in mine),
                 "joint_total": sum(case["samples"] for case in mine),
                 "minutes": [case["train_minutes"] for case in mine],
+                "failures": Counter(kind for case in mine for kind in case_failures(case)),
             }
         )
     return rows
@@ -133,6 +136,12 @@ def write_report(report: dict, json_path: str | None) -> None:
             f"{row['worst_token']:.0%} | {row['joint']}/{row['joint_total']} ({row['joint'] / row['joint_total']:.1%}) "
             f"| {sum(minutes) / len(minutes):.1f} / {max(minutes):.1f} |"
         )
+    lines += ["", "Failed token images, by what was drawn instead:", ""]
+    lines += [f"| method | failed | {' | '.join(FAILURE_KINDS)} |", "|---|" + "---:|" * (len(FAILURE_KINDS) + 1)]
+    for row in report["rows"]:
+        failures = row["failures"]
+        counts = " | ".join(str(failures.get(kind, 0)) for kind in FAILURE_KINDS)
+        lines.append(f"| {row['method']} | {sum(failures.values())} | {counts} |")
     text = "\n".join(lines)
     print(text)
     if json_path:

@@ -55,6 +55,48 @@ def score_token_image(detected: Sequence[DetectedObject], wanted: tuple[str, str
     return objects_present(detected, [wanted]) and not objects_present(detected, [other])
 
 
+#: Why a token image failed, from the most to the least right; :func:`failure_kind` picks the first that applies.
+FAILURE_KINDS = ("both objects", "the other object", "its shape, wrong colour", "its colour, wrong shape", "neither")
+
+
+def failure_kind(found: Sequence[tuple[str, str]], wanted: tuple[str, str], other: tuple[str, str]) -> str | None:
+    """Why a token image with these detected (colour, shape) pairs failed, or None when it succeeded. Tells apart a
+    token that learned its object's shape but not its colour from one that drew the other object."""
+    has_wanted, has_other = wanted in found, other in found
+    if has_wanted:
+        return FAILURE_KINDS[0] if has_other else None
+    if has_other:
+        return FAILURE_KINDS[1]
+    if any(shape == wanted[1] for _, shape in found):
+        return FAILURE_KINDS[2]
+    if any(color == wanted[0] for color, _ in found):
+        return FAILURE_KINDS[3]
+    return FAILURE_KINDS[4]
+
+
+def detected_pairs(described: Sequence[str]) -> list[tuple[str, str]]:
+    """(colour, shape) pairs back from a report's compact detections, ``"colour shape @ (x, y) area"``."""
+    pairs = []
+    for text in described:
+        color, shape = text.split(" @ ", 1)[0].split(" ", 1)
+        pairs.append((color, shape))
+    return pairs
+
+
+def case_failures(case: dict) -> list[str]:
+    """The failure kind of every failed token image of one reported case (``ConceptCaseResult.to_json()``)."""
+    objects = [tuple(obj) for obj in case["objects"]]
+    kinds = []
+    for detail in case["details"]:
+        if not detail["image"].startswith("token") or detail["success"]:
+            continue
+        which = int(detail["image"][len("token") :].split("-")[0])
+        kind = failure_kind(detected_pairs(detail["detected"]), objects[which], objects[1 - which])
+        if kind:  # always, for a failed image of a two-object scene
+            kinds.append(kind)
+    return kinds
+
+
 @dataclass
 class ConceptCaseResult:
     """One method trained on one scene: per-token successes over the samples, and the joint prompt's."""
