@@ -2,8 +2,9 @@
 check that ``"a photo of <token_i>"`` draws object i (colour and shape) and not the other one.
 
 The scenes are rendered, so the masks are exact and the identity of every generated object is decided by the
-detector. :func:`concept_scenes` picks the scenes, :func:`score_token_image` scores one generated image, and
-:func:`run_concept_case` trains one method on one scene and scores its samples.
+detector. :func:`concept_scenes` picks the scenes, :func:`score_token_image` scores one generated image,
+:func:`failure_kind` says what a failed one drew instead, and :func:`run_concept_case` trains one method on one scene
+and scores its samples.
 """
 
 from __future__ import annotations
