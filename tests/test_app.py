@@ -216,8 +216,8 @@ needs_browser = pytest.mark.skipif(
 
 
 def _screenshot(page, name: str) -> None:
-    """Save a screenshot artifact of the viewport, which holds the whole app (1400x1300). Not ``full_page``: after the
-    removal that capture took 69 s of the test's 220 s on 2 busy cores, to re-render what the viewport already shows."""
+    """Save a screenshot artifact of the viewport, which holds the whole app (1400x1300). ``full_page`` added nothing
+    but a re-render: right after a removal, Chromium on 2 busy cores can spend a minute on it."""
     page.screenshot(path=ARTIFACTS / name, timeout=120_000)
 
 
