@@ -85,7 +85,8 @@ def detected_pairs(described: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def case_failures(case: dict) -> list[str]:
-    """The failure kind of every failed token image of one reported case (``ConceptCaseResult.to_json()``)."""
+    """The failure kind of every failed token image of one reported case (``ConceptCaseResult.to_json()``). The token
+    is read from the image name :func:`score_concepts` gives it (``token{i}-{seed}.png``)."""
     objects = [tuple(obj) for obj in case["objects"]]
     kinds = []
     for detail in case["details"]:
