@@ -52,8 +52,8 @@ def concept_scenes(count: int, seed: int = 4242) -> list[Scene]:
 
 
 def score_token_image(detected: Sequence[DetectedObject], wanted: tuple[str, str], other: tuple[str, str]) -> bool:
-    """Object ``wanted`` (colour, shape) is drawn and ``other`` is not."""
-    return objects_present(detected, [wanted]) and not objects_present(detected, [other])
+    """Object ``wanted`` (colour, shape) is drawn and ``other`` is not: :func:`failure_kind` finds nothing wrong."""
+    return failure_kind([(d.color, d.shape) for d in detected], wanted, other) is None
 
 
 #: Why a token image failed, from the most to the least right; :func:`failure_kind` picks the first that applies.
@@ -75,8 +75,24 @@ def failure_kind(found: Sequence[tuple[str, str]], wanted: tuple[str, str], othe
     return FAILURE_KINDS[4]
 
 
+def sample_image_name(token: int, seed: int) -> str:
+    """A scored sample's file name: ``token{i}-{seed}.png`` for token i, ``joint-{seed}.png`` for token -1 (all)."""
+    return f"{'joint' if token < 0 else f'token{token}'}-{seed:03d}.png"
+
+
+def token_of_image(name: str) -> int:
+    """The token index back from :func:`sample_image_name`; -1 for the joint prompt."""
+    prefix = name.split("-", 1)[0]
+    return int(prefix[len("token") :]) if prefix.startswith("token") else -1
+
+
+def describe_detection(obj: DetectedObject) -> str:
+    """What a report keeps of one detection, compactly: ``"colour shape @ (x, y) area"``."""
+    return f"{obj.color} {obj.shape} @ ({obj.centroid[0]:.0f}, {obj.centroid[1]:.0f}) {obj.area}"
+
+
 def detected_pairs(described: Sequence[str]) -> list[tuple[str, str]]:
-    """(colour, shape) pairs back from a report's compact detections, ``"colour shape @ (x, y) area"``."""
+    """(colour, shape) pairs back from :func:`describe_detection`'s strings in a report."""
     pairs = []
     for text in described:
         color, shape = text.split(" @ ", 1)[0].split(" ", 1)
@@ -85,14 +101,13 @@ def detected_pairs(described: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def case_failures(case: dict) -> list[str]:
-    """The failure kind of every failed token image of one reported case (``ConceptCaseResult.to_json()``). The token
-    is read from the image name :func:`score_concepts` gives it (``token{i}-{seed}.png``)."""
+    """The failure kind of every failed token image of one reported case (``ConceptCaseResult.to_json()``)."""
     objects = [tuple(obj) for obj in case["objects"]]
     kinds = []
     for detail in case["details"]:
-        if not detail["image"].startswith("token") or detail["success"]:
+        which = token_of_image(detail["image"])
+        if which < 0 or detail["success"]:
             continue
-        which = int(detail["image"][len("token") :].split("-")[0])
         kind = failure_kind(detected_pairs(detail["detected"]), objects[which], objects[1 - which])
         if kind:  # always, for a failed image of a two-object scene
             kinds.append(kind)
@@ -174,7 +189,7 @@ def score_concepts(
                 else:
                     ok = objects_present(detected, list(objects))
                     joint += int(ok)
-                name = f"{'joint' if which < 0 else f'token{which}'}-{sample_seed:03d}.png"
+                name = sample_image_name(which, sample_seed)
                 if image_folder is not None:
                     image_folder.mkdir(parents=True, exist_ok=True)
                     image.save(image_folder / name)
@@ -184,11 +199,7 @@ def score_concepts(
                         "seed": sample_seed,
                         "image": name,
                         "success": ok,
-                        # What the detector read, compactly: "colour shape @ (x, y) area".
-                        "detected": [
-                            f"{d.color} {d.shape} @ ({d.centroid[0]:.0f}, {d.centroid[1]:.0f}) {d.area}"
-                            for d in detected
-                        ],
+                        "detected": [describe_detection(d) for d in detected],
                     }
                 )
     return successes, joint, details
