@@ -3,7 +3,8 @@ then ``"a photo of <token_i>"`` is sampled and scored by the detector (object i 
 
 Methods (``attncontrol.shapes.concept_bench.METHODS``): ``user-masks`` (Break-A-Scene), ``attention-masks``
 (AttenCraft's masks), and the baselines ``textual-inversion`` / ``dreambooth-lora`` without masks or attention loss
-(plus their ``-masked`` variants). Every method gets the same steps. Prints a markdown table with Wilson 95%
+(plus their ``-masked`` variants). Every method gets the same steps. ``words`` trains nothing: it names each
+object in words ("a photo of a green square"), the ceiling a learned token can be expected to reach on the model. Prints a markdown table with Wilson 95%
 intervals and the training minutes; writes a JSON of every sample and the sample images under ``--out``.
 
 Run: python benchmarks/concepts.py [--scenes 6] [--samples 16] [--methods user-masks attention-masks ...]
@@ -25,7 +26,14 @@ import torch
 from _results import save_results
 
 from attncontrol.shapes.bench import wilson_interval
-from attncontrol.shapes.concept_bench import FAILURE_KINDS, METHODS, case_failures, concept_scenes, run_concept_case
+from attncontrol.shapes.concept_bench import (
+    FAILURE_KINDS,
+    METHODS,
+    WORDS,
+    case_failures,
+    concept_scenes,
+    run_concept_case,
+)
 from attncontrol.training.concepts import Config
 
 
@@ -51,7 +59,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["user-masks", "attention-masks", "textual-inversion", "dreambooth-lora"],
-        choices=sorted(METHODS),
+        choices=[*sorted(METHODS), WORDS],
     )
     parser.add_argument("--model", default="shapes-sd")
     parser.add_argument("--phase1-steps", type=int, default=None)

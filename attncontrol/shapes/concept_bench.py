@@ -37,6 +37,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "dreambooth-lora-masked": {"mask_source": "user", "attention_loss": "none"},
 }
 
+#: Not a training method: each object named in words ("a photo of a green square"), sampled and scored like a token.
+#: What the model draws from the words themselves is the ceiling a learned token can be expected to reach.
+WORDS = "words"
+
 
 def concept_scenes(count: int, seed: int = 4242) -> list[Scene]:
     """``count`` two-object scenes whose objects differ in colour *and* shape, so "the other one" is unambiguous."""
@@ -215,9 +219,27 @@ def run_concept_case(
     samples: int,
     steps: int,
 ) -> ConceptCaseResult:
-    """Train ``method`` on ``scene`` (config ``base`` with the method's changes) and score its samples."""
+    """Train ``method`` on ``scene`` (config ``base`` with the method's changes) and score its samples; the
+    :data:`WORDS` method trains nothing and scores the objects named in words instead."""
     from attncontrol.training.concepts import train_concepts
 
+    objects = [(obj.color, obj.shape) for obj in scene.objects]
+    if method == WORDS:
+        from attncontrol.models import load_pipeline
+
+        pipe = load_pipeline(base.model)
+        pipe.set_progress_bar_config(disable=True)
+        phrases = [f"a {color} {shape}" for color, shape in objects]
+        successes, joint, details = score_concepts(
+            pipe,
+            phrases,
+            objects,
+            template=base.template,
+            samples=samples,
+            steps=steps,
+            image_folder=folder / "samples",
+        )
+        return ConceptCaseResult(method, scene_index, objects, successes, samples, joint, 0.0, 0, details)
     image, masks = save_case_inputs(scene, folder / "inputs")
     changes = dict(METHODS[method])
     if changes.get("phase2_steps") == 0:
@@ -236,7 +258,6 @@ def run_concept_case(
     started = time.perf_counter()
     trained = train_concepts(config)
     minutes = (time.perf_counter() - started) / 60
-    objects = [(obj.color, obj.shape) for obj in scene.objects]
     successes, joint, details = score_concepts(
         trained.pipeline,
         trained.tokens,

@@ -96,6 +96,8 @@ class Config:
     full_finetune: bool = False
     masked_loss: bool = True
     masked_loss_mean: str = "image"  # "image": Break-A-Scene's mean over the latent; "mask": over the masked pixels
+    max_timestep: int = 0  # > 0: training timesteps are drawn below this; 0: the whole schedule
+    loss_guidance: float = 0.0  # > 0: fit the classifier-free-guided prediction at this scale (see `losses`); 0: off
     attention_loss: str = "mse"
     attention_weight: float = 1e-2
     attention_grid: int = 0  # side of the cross-attention grid the loss uses; 0: the largest <= 16
@@ -579,7 +581,10 @@ class ConceptTrainer:
         if self.prior_latents is not None:
             prior = int(torch.randint(0, len(self.prior_latents), (1,), generator=self.generator))
         noise = torch.randn((rows, *self.latents[0].shape[1:]), generator=self.generator)
-        timesteps = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (rows,), generator=self.generator)
+        highest = self.pipe.scheduler.config.num_train_timesteps
+        if self.config.max_timestep:
+            highest = min(highest, self.config.max_timestep)
+        timesteps = torch.randint(0, highest, (rows,), generator=self.generator)
         return {"subset": subset, "flip": flip, "prior": prior, "noise": noise, "timesteps": timesteps}
 
     def losses(self, store: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -596,11 +601,15 @@ class ConceptTrainer:
         noise, timesteps = batch["noise"].to(self.device), batch["timesteps"].to(self.device)
         noisy = self.pipe.scheduler.add_noise(clean, noise, timesteps)
         target = _target(self.pipe.scheduler, clean, noise, timesteps)
+        row = len(prompts) - 1
+        unconditional = self._unconditional(noisy[row:], timesteps[row:]) if config.loss_guidance > 0 else None
         store.reset()
         with self.accelerator.autocast():
             embeds, added = _encode(self.pipe, prompts, self.device, self.size)
             prediction = self.pipe.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
-        row = len(prompts) - 1
+        if unconditional is not None:
+            guided = unconditional + config.loss_guidance * (prediction[row:] - unconditional)
+            prediction = torch.cat([prediction[:row], guided])
         union = masks.amax(0)[None, None].to(self.device)
         union = F.interpolate(union, size=self.latent_grid, mode="nearest")
         if config.masked_loss:
@@ -621,6 +630,14 @@ class ConceptTrainer:
             loss = loss + config.attention_weight * attention
             terms["attention"] = attention
         return {"loss": loss, **terms}
+
+    @torch.no_grad()
+    def _unconditional(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The empty prompt's prediction, for the guided loss. Without gradients: the token is not in it, and the
+        sampler's unconditional branch is whatever the (LoRA-adapted) model predicts."""
+        with self.accelerator.autocast():
+            embeds, added = _encode(self.pipe, [""] * len(noisy), self.device, self.size)
+            return self.pipe.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
 
     def train_step(self, store: Any) -> dict[str, float]:
         """One optimizer step (with gradient accumulation): returns the loss terms."""

@@ -8,9 +8,11 @@ from PIL import Image
 from attncontrol.shapes import ObjectSpec, render
 from attncontrol.shapes.concept_bench import (
     FAILURE_KINDS,
+    WORDS,
     case_failures,
     concept_scenes,
     failure_kind,
+    run_concept_case,
     score_concepts,
 )
 
@@ -22,6 +24,9 @@ class TokenRenderer:
 
     def __init__(self, drawings: dict[str, list[tuple[str, str]]]):
         self.drawings = drawings
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
 
     def __call__(self, prompt, generator, **kwargs):
         images = []
@@ -71,3 +76,21 @@ def test_concept_scenes_have_two_objects_that_differ_in_colour_and_shape():
     for scene in concept_scenes(6):
         first, second = scene.objects
         assert first.color != second.color and first.shape != second.shape
+
+
+def test_the_words_method_names_each_object_and_trains_nothing(tmp_path, monkeypatch):
+    from attncontrol.training.concepts import Config
+
+    scene = render([ObjectSpec(*WANTED, 16, 32, 9), ObjectSpec(*OTHER, 48, 32, 9)])
+    pipe = TokenRenderer(
+        {
+            "a photo of a red triangle": [WANTED],
+            "a photo of a yellow square": [OTHER, OTHER],
+            "a photo of a red triangle and a yellow square": [WANTED, OTHER],
+        }
+    )
+    monkeypatch.setattr("attncontrol.models.load_pipeline", lambda model: pipe)
+    result = run_concept_case(WORDS, 0, scene, tmp_path, base=Config(model="m"), samples=2, steps=1)
+    assert result.token_successes == [2, 2] and result.joint_successes == 2
+    assert result.steps == 0 and not (tmp_path / "run").exists()
+    assert sorted(path.name for path in (tmp_path / "samples").iterdir())[0] == "joint-000.png"

@@ -283,6 +283,47 @@ def test_attention_loss_moves_token_maps_towards_masks(tiny_models, tmp_path):
     assert attention_loss() < 0.9 * before
 
 
+def test_guided_loss_and_timestep_cap(tiny_models, tmp_path):
+    """With ``loss_guidance`` w the masked loss is taken on ``uncond + w * (cond - uncond)``, the prediction the
+    sampler uses at guidance w; w = 1 is the plain loss. ``max_timestep`` bounds the drawn timesteps."""
+    from accelerate import Accelerator
+
+    from attncontrol.core.store import AttentionStore
+    from attncontrol.training.concepts import ConceptTrainer, _encode
+
+    config = _config(tmp_path, tiny_models / "sd", phase2_steps=0, attention_loss="none", masked_loss_mean="mask")
+    trainer = ConceptTrainer(config, Accelerator())
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([600])
+    fixed = {"subset": [1], "flip": False, "prior": None, "noise": noise, "timesteps": timesteps}
+    store = AttentionStore(kinds="cross", layers="cross")
+
+    def diffusion(scale: float) -> float:
+        trainer.config = replace(config, loss_guidance=scale)
+        with torch.no_grad(), trainer.observed(store):
+            return float(trainer.losses(store, fixed)["diffusion"])
+
+    pipe, clean = trainer.pipe, trainer.latents[0]
+    noisy = pipe.scheduler.add_noise(clean, noise, timesteps)
+    with torch.no_grad():
+        embeds, _ = _encode(pipe, [concept_prompt([trainer.tokens[1]]), ""], trainer.device, trainer.size)
+        cond, uncond = pipe.unet(noisy.repeat(2, 1, 1, 1), timesteps.repeat(2), embeds).sample.chunk(2)
+    mask = torch.nn.functional.interpolate(trainer.masks[1][None, None], size=clean.shape[-2:], mode="nearest")
+    target = noise  # the tiny model predicts epsilon
+
+    def reference(scale: float) -> float:
+        return float(masked_diffusion_loss(uncond + scale * (cond - uncond), target, mask, mean_over="mask"))
+
+    assert diffusion(0.0) == pytest.approx(reference(1.0), rel=1e-5)
+    assert diffusion(1.0) == pytest.approx(reference(1.0), rel=1e-5)
+    assert diffusion(4.0) == pytest.approx(reference(4.0), rel=1e-5)
+    assert reference(4.0) != pytest.approx(reference(1.0), rel=1e-3)
+
+    trainer.config = replace(config, max_timestep=50)
+    drawn = torch.cat([trainer.draw_batch()["timesteps"] for _ in range(40)])
+    assert drawn.max() < 50 and drawn.unique().numel() > 10
+
+
 def test_two_processes_train_in_step(tiny_models, tmp_path):
     """``accelerate launch`` with 2 CPU processes (gloo): gradients are averaged across processes, so both end with
     the same weights although each draws its own noise; the main process exports."""
