@@ -3,9 +3,10 @@ then ``"a photo of <token_i>"`` is sampled and scored by the detector (object i 
 
 Methods (``attncontrol.shapes.concept_bench.METHODS``): ``user-masks`` (Break-A-Scene), ``attention-masks``
 (AttenCraft's masks), and the baselines ``textual-inversion`` / ``dreambooth-lora`` without masks or attention loss
-(plus their ``-masked`` variants). Every method gets the same steps. ``words`` trains nothing: it names each
-object in words ("a photo of a green square"), the ceiling a learned token can be expected to reach on the model. Prints a markdown table with Wilson 95%
-intervals and the training minutes; writes a JSON of every sample and the sample images under ``--out``.
+(plus their ``-masked`` variants). Every method gets the same steps. ``words`` trains nothing: it names each object
+in words ("a photo of a green square"), the ceiling a learned token can be expected to reach on the model. Prints a
+markdown table with Wilson 95% intervals and the training minutes; writes a JSON of every sample and the sample
+images under ``--out``.
 
 Run: python benchmarks/concepts.py [--scenes 6] [--samples 16] [--methods user-masks attention-masks ...]
      [--phase1-steps 400 --phase2-steps 400] [--set lora_rank=8 ...] [--tag NAME] [--json report.json]

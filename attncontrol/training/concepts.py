@@ -166,6 +166,10 @@ def check_config(config: Config) -> None:
         raise ConceptError("`--gradient-accumulation-steps` must be >= 1")
     if config.prior_images and not config.prior_prompt:
         raise ConceptError("`--prior-images` needs `--prior-prompt` (the class prompt, e.g. 'a photo at the beach')")
+    if not config.loss_guidance >= 0:  # also refuses NaN
+        raise ConceptError(f"`--loss-guidance` must be >= 0 (0: off), got {config.loss_guidance}")
+    if config.max_timestep < 0:
+        raise ConceptError(f"`--max-timestep` must be >= 0 (0: the whole schedule), got {config.max_timestep}")
 
 
 # ------------------------------------------------------------------------------------------------ model pieces

@@ -170,6 +170,9 @@ def test_bad_inputs_fail_before_training(tmp_path):
         check_config(Config(image=str(image)))
     with pytest.raises(ConceptError, match="--template"):
         check_config(Config(image=str(image), masks=masks, template="a photo"))
+    for name, value in (("loss_guidance", -1.0), ("loss_guidance", float("nan")), ("max_timestep", -5)):
+        with pytest.raises(ConceptError, match=f"--{name.replace('_', '-')}"):
+            check_config(Config(image=str(image), masks=masks, **{name: value}))
 
 
 # ------------------------------------------------------------------------------------------------ the script
