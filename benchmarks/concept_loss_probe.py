@@ -20,6 +20,7 @@ from _results import save_results
 from attncontrol.models import load_pipeline
 from attncontrol.shapes.concept_bench import concept_scenes
 from attncontrol.shapes.scenes import COLORS
+from attncontrol.training.concepts import _encode_image, _target
 
 QUARTERS = 4
 
@@ -27,9 +28,9 @@ QUARTERS = 4
 @torch.no_grad()
 def probe_object(pipe, image, mask, shape: str, colors: list[str], draws: int, guidance: float, seed: int) -> dict:
     """Masked loss per colour word and timestep quarter, plain and guided, over shared (timestep, noise) draws."""
-    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
+    unet, scheduler = pipe.unet, pipe.scheduler
     pixels = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    clean = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    clean = _encode_image(pipe, pixels)
     region = F.interpolate(torch.tensor(mask)[None, None].float(), size=clean.shape[-2:], mode="nearest")
     prompts = [f"a photo of a {color} {shape}" for color in colors] + [""]
     embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
@@ -42,11 +43,7 @@ def probe_object(pipe, image, mask, shape: str, colors: list[str], draws: int, g
             timestep = torch.randint(quarter * span, (quarter + 1) * span, (1,), generator=generator)
             noise = torch.randn(clean.shape, generator=generator)
             noisy = scheduler.add_noise(clean, noise, timestep)
-            target = (
-                scheduler.get_velocity(clean, noise, timestep)
-                if scheduler.config.prediction_type == ("v_prediction")
-                else noise
-            )
+            target = _target(scheduler, clean, noise, timestep)
             prediction = unet(noisy.repeat(rows, 1, 1, 1), timestep.repeat(rows), embeds).sample
             cond, uncond = prediction[:-1], prediction[-1:]
             for name, value in (("plain", cond), ("guided", uncond + guidance * (cond - uncond))):
