@@ -31,6 +31,7 @@ from attncontrol.shapes.concept_bench import (
     FAILURE_KINDS,
     METHODS,
     WORDS,
+    caption_words,
     case_failures,
     concept_scenes,
     run_concept_case,
@@ -46,7 +47,10 @@ def _override(config: Config, items: list[str]) -> Config:
         if key not in types:
             raise SystemExit(f"--set: {key!r} is not a training option ({sorted(types)})")
         kind = types[key]
-        changes[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        if kind is list:
+            changes[key] = [part for part in value.split(",") if part]
+        else:
+            changes[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     return replace(config, **changes)
 
 
@@ -65,7 +69,12 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-sd")
     parser.add_argument("--phase1-steps", type=int, default=None)
     parser.add_argument("--phase2-steps", type=int, default=None)
-    parser.add_argument("--set", nargs="*", default=[], help="other training options, key=value")
+    parser.add_argument("--set", nargs="*", default=[], help="other training options, key=value (lists: a,b,c)")
+    parser.add_argument(
+        "--caption-words",
+        action="store_true",
+        help="the initializer search (--set init_search=N) picks from the words of the shapes world's captions",
+    )
     parser.add_argument("--out", default="outputs/concept-bench")
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,6 +93,8 @@ def main() -> None:
     if args.phase2_steps is not None:
         base = replace(base, phase2_steps=args.phase2_steps)
     base = _override(base, args.set)
+    if args.caption_words:
+        base = replace(base, init_words=caption_words())
     scenes = concept_scenes(args.scene_offset + args.scenes)[args.scene_offset :]
     results = []
     for method in args.methods:

@@ -42,6 +42,16 @@ METHODS: dict[str, dict[str, Any]] = {
 WORDS = "words"
 
 
+def caption_words(scenes: int = 3000, seed: int = 0) -> list[str]:
+    """Every word of the shapes world's captions: the vocabulary the shapes models were trained on, the candidates
+    a concept's initializer search picks from on them (``Config.init_words``)."""
+    generator = SceneGenerator(seed)
+    words: set[str] = set()
+    for index in range(scenes):
+        words.update(generator.scene(index).caption.replace(",", " ").split())
+    return sorted(words)
+
+
 def concept_scenes(count: int, seed: int = 4242) -> list[Scene]:
     """``count`` two-object scenes whose objects differ in colour *and* shape, so "the other one" is unambiguous."""
     generator = SceneGenerator(seed, max_objects=2, count_weights=(0.0, 1.0))

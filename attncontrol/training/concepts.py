@@ -98,6 +98,12 @@ class Config:
     masked_loss_mean: str = "image"  # "image": Break-A-Scene's mean over the latent; "mask": over the masked pixels
     max_timestep: int = 0  # > 0: training timesteps are drawn below this; 0: the whole schedule
     loss_guidance: float = 0.0  # > 0: fit the classifier-free-guided prediction at this scale (see `losses`); 0: off
+    pixel_weight: float = 0.0  # > 0: also score the decoded clean-image prediction in pixels, inside the masks
+    init_search: int = 0  # > 0: start each vector from the vocabulary word that best fits its object (see below)
+    init_search_draws: int = 16  # (noise, timestep) draws the search scores each candidate on
+    init_search_rounds: int = 2  # passes over a token's vectors
+    init_search_max_timestep: int = 750  # the search's draws stay below it: above, layout outweighs colour
+    init_words: list[str] = field(default_factory=list)  # the search's candidates; empty: every whole word
     attention_loss: str = "mse"
     attention_weight: float = 1e-2
     attention_grid: int = 0  # side of the cross-attention grid the loss uses; 0: the largest <= 16
@@ -170,6 +176,13 @@ def check_config(config: Config) -> None:
         raise ConceptError(f"`--loss-guidance` must be >= 0 (0: off), got {config.loss_guidance}")
     if config.max_timestep < 0:
         raise ConceptError(f"`--max-timestep` must be >= 0 (0: the whole schedule), got {config.max_timestep}")
+    if not config.pixel_weight >= 0:  # also refuses NaN
+        raise ConceptError(f"`--pixel-weight` must be >= 0 (0: off), got {config.pixel_weight}")
+    for name in ("init_search", "init_search_draws", "init_search_rounds"):
+        if getattr(config, name) < 0:
+            raise ConceptError(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(config, name)}")
+    if config.init_search and (config.init_search_draws < 1 or config.init_search_max_timestep < 1):
+        raise ConceptError("`--init-search-draws` and `--init-search-max-timestep` must be >= 1 with `--init-search`")
 
 
 # ------------------------------------------------------------------------------------------------ model pieces
@@ -340,6 +353,17 @@ def _target(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, timesteps:
     return noise
 
 
+def _predicted_clean(
+    scheduler: Any, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latent the model's prediction implies at these timesteps (the inverse of :func:`_target`)."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+    signal, noise_level = alphas.sqrt(), (1 - alphas).sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return signal * noisy - noise_level * prediction
+    return (noisy - noise_level * prediction) / signal
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 class ConceptTrainer:
     """One training run; :func:`train_concepts` is the entry point. Kept as a class so the automatic masks, the
@@ -393,6 +417,7 @@ class ConceptTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.mask_log: list[dict] = []
+        self.initializer_search: list[dict] = []  # the words the search started each token from
         self.attention_grid: tuple[int, int] | None = (
             (config.attention_grid, config.attention_grid) if config.attention_grid else None
         )
@@ -622,6 +647,12 @@ class ConceptTrainer:
             diffusion = F.mse_loss(prediction[row:].float(), target[row:].float())
         loss = diffusion
         terms = {"diffusion": diffusion}
+        if config.pixel_weight > 0:
+            pixels = self.inputs.pixels.flip(-1) if batch["flip"] else self.inputs.pixels
+            clean_guess = _predicted_clean(self.pipe.scheduler, noisy[row:], prediction[row:], timesteps[row:])
+            pixel = self._pixel_loss(clean_guess, pixels.to(self.device), masks.amax(0).to(self.device))
+            loss = loss + config.pixel_weight * pixel
+            terms["pixel"] = pixel
         if batch["prior"] is not None:
             prior = F.mse_loss(prediction[:row].float(), target[:row].float())
             loss = loss + config.prior_weight * prior
@@ -634,6 +665,19 @@ class ConceptTrainer:
             loss = loss + config.attention_weight * attention
             terms["attention"] = attention
         return {"loss": loss, **terms}
+
+    def _pixel_loss(self, clean_latents: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Squared error of the decoded prediction against the image, averaged over the mask's pixels.
+
+        Why: in the latent, colours can sit close to each other and to the background (on shapes-sd red and yellow
+        are nearest to white), so a latent loss charges little for drawing the object in the wrong colour; in
+        pixels the colour error is what it looks like. The frozen decoder passes the gradient through.
+        """
+        vae = self.pipe.vae
+        latents = clean_latents / vae.config.scaling_factor  # the inverse of _encode_image
+        decoded = vae.decode(latents.to(vae.dtype)).sample.float()
+        squared = (decoded - pixels[None].float()) ** 2 * mask[None, None].float()
+        return squared.sum() / (mask.sum().clamp_min(1.0) * squared.shape[0] * squared.shape[1])
 
     @torch.no_grad()
     def _unconditional(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -661,6 +705,113 @@ class ConceptTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return terms
+
+    # ---------------------------------------------------------------- where the tokens start
+    def _word_ids(self) -> torch.Tensor:
+        """The search's candidate words: ``init_words``, else every whole-word, alphabetic entry of the (first)
+        tokenizer but the new tokens."""
+        tokenizer = _text_pairs(self.pipe)[0][0]
+        if self.config.init_words:
+            ids = []
+            for word in self.config.init_words:
+                encoded = tokenizer(word, add_special_tokens=False).input_ids
+                if len(encoded) != 1:
+                    raise ConceptError(f"`--init-words` entry {word!r} is {len(encoded)} tokens, not one word")
+                ids.append(encoded[0])
+            return torch.tensor(sorted(set(ids)))
+        new = {i for ids in self.token_ids for i in ids}
+        words = [
+            index
+            for token, index in tokenizer.get_vocab().items()
+            if token.endswith("</w>") and token[:-4].isalpha() and len(token) > 5 and index not in new
+        ]
+        return torch.tensor(sorted(words))
+
+    def _search_draws(self, concept: int) -> dict[str, torch.Tensor]:
+        """Fixed (flip, noise, timestep) draws for one concept, with the empty prompt's prediction computed once."""
+        config = self.config
+        count = config.init_search_draws
+        highest = min(config.max_timestep or 10**9, config.init_search_max_timestep)
+        highest = min(highest, self.pipe.scheduler.config.num_train_timesteps)
+        flips = torch.rand(count, generator=self.generator) < (0.5 if config.hflip else 0.0)
+        clean = torch.cat([self.latents[int(flip)] for flip in flips.tolist()]).to(self.device)
+        noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
+        # stratified: one timestep per equal slice of [0, highest), less noise than independent draws
+        timesteps = ((torch.arange(count) + torch.rand(count, generator=self.generator)) * highest / count).long()
+        timesteps = timesteps.to(self.device)
+        noisy = self.pipe.scheduler.add_noise(clean, noise, timesteps)
+        mask = self.masks[concept][None, None].float()
+        masks = torch.where(flips[:, None, None, None], mask.flip(-1), mask)
+        masks = F.interpolate(masks, size=self.latent_grid, mode="nearest").to(self.device)
+        target = _target(self.pipe.scheduler, clean, noise, timesteps)
+        return {"noisy": noisy, "timesteps": timesteps, "target": target, "masks": masks}
+
+    def _search_loss(self, concept: int, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The masked diffusion loss of ``"a photo of <token>"`` on the draws, per draw.
+
+        The plain conditional loss, not the guided one of ``loss_guidance``: the guided prediction overshoots with
+        strong words, so it tends to rank weak ones (a background colour, another shape) above the object's own.
+        """
+        prompt = concept_prompt([self.tokens[concept]], self.config.template)
+        count = len(draws["noisy"])
+        with self.accelerator.autocast():
+            embeds, added = _encode(self.pipe, [prompt] * count, self.device, self.size)
+            prediction = self.pipe.unet(draws["noisy"], draws["timesteps"], embeds, added_cond_kwargs=added).sample
+        squared = ((prediction.float() - draws["target"].float()) * draws["masks"]) ** 2
+        covered = draws["masks"].expand_as(squared).flatten(1).sum(1).clamp_min(1.0)
+        return squared.flatten(1).sum(1) / covered
+
+    def search_initializers(self) -> None:
+        """Start each token's vectors from the vocabulary words that best explain its object.
+
+        Why: phase 1 moves a token from its initializer by gradient steps, and on the shapes model that gradient
+        hardly tells colours apart (``benchmarks/concept_loss_probe.py``): a green square's token drifts towards
+        blue or stays the model's default red. A discrete search over words sees the whole loss, not its slope.
+        Per vector, as in AutoPrompt/GCG: the loss's gradient ranks every candidate word by the first-order change
+        of swapping it in, the ``init_search`` best are scored exactly on fixed draws, and the best word (or the
+        current row, if none is better) is kept; ``init_search_rounds`` passes over the vectors.
+        """
+        config = self.config
+        words = self._word_ids()
+        tables = [embedding.table.weight for embedding in self.embeddings]
+        per_token = config.num_vectors
+        chosen: list[list[str]] = []
+        tokenizer = _text_pairs(self.pipe)[0][0]
+        quiet = not self.accelerator.is_main_process
+        for concept in tqdm(range(len(self.tokens)), desc="initializer search", disable=quiet):
+            draws = self._search_draws(concept)
+            vectors = range(concept * per_token, (concept + 1) * per_token)
+            names = ["(initializer)"] * per_token
+            with torch.no_grad():
+                best = float(self._search_loss(concept, draws).mean())
+            for _ in range(config.init_search_rounds):
+                for position, vector in enumerate(vectors):
+                    candidates = words
+                    if len(words) > config.init_search:
+                        # autograd.grad, not backward: the LoRA weights must not keep gradients from the search
+                        grads = torch.autograd.grad(self._search_loss(concept, draws).mean(), self.rows)
+                        gains = sum(
+                            (table[words].float() - rows[vector].detach().float()) @ grad[vector].float()
+                            for table, rows, grad in zip(tables, self.rows, grads, strict=True)
+                        )
+                        candidates = words[gains.argsort()[: config.init_search]]
+                    current = [rows[vector].detach().clone() for rows in self.rows]
+                    scores = []
+                    with torch.no_grad():
+                        for word in candidates.tolist():
+                            for table, rows in zip(tables, self.rows, strict=True):
+                                rows[vector] = table[word].to(rows.dtype)
+                            scores.append(float(self._search_loss(concept, draws).mean()))
+                        pick = int(np.argmin(scores))
+                        if scores[pick] < best:
+                            best, word = scores[pick], int(candidates[pick])
+                            current = [table[word].to(r.dtype) for table, r in zip(tables, self.rows, strict=True)]
+                            names[position] = tokenizer.convert_ids_to_tokens(word).removesuffix("</w>")
+                        for rows, row in zip(self.rows, current, strict=True):
+                            rows[vector] = row
+            chosen.append(names)
+            logger.info("%s starts from %s (search loss %.4f)", self.tokens[concept], " ".join(names), best)
+        self.initializer_search = [{"token": t, "words": n} for t, n in zip(self.tokens, chosen, strict=True)]
 
     # ---------------------------------------------------------------- state
     def _trainable_state(self) -> dict:
@@ -714,6 +865,7 @@ class ConceptTrainer:
                 "attention_grid": self.attention_grid,
                 "history": self.history,
                 "mask_log": self.mask_log,
+                "initializer_search": self.initializer_search,
                 "tokens": self.tokens,
             },
         )
@@ -733,6 +885,7 @@ class ConceptTrainer:
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         self.step, self.history, self.mask_log = state["step"], state["history"], state["mask_log"]
+        self.initializer_search = state.get("initializer_search", [])
         self.masks, self.attention_grid = state["masks"], state["attention_grid"]
         logger.info("resumed at step %d (phase %d)", self.step, self.phase)
         return True
@@ -838,6 +991,8 @@ class ConceptTrainer:
             self.resume()
         if config.mask_source != "user" and not self.mask_log:
             self.refresh_masks()
+        if config.init_search and self.step == 0:
+            self.search_initializers()
         store = AttentionStore(kinds="cross", keep_grad=True, layers="cross")
         started = time.perf_counter()
         bar = tqdm(
@@ -870,7 +1025,13 @@ class ConceptTrainer:
         bar.close()
         store.reset()
         minutes = (time.perf_counter() - started) / 60
-        metrics = {"steps": self.step, "minutes": minutes, "history": self.history, "masks": self.mask_log}
+        metrics = {
+            "steps": self.step,
+            "minutes": minutes,
+            "history": self.history,
+            "masks": self.mask_log,
+            "initializer_search": self.initializer_search,
+        }
         self.validate("final")
         self.export(metrics)
         dump = os.environ.get("ATTNCONTROL_DUMP_ROWS")

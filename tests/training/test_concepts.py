@@ -170,7 +170,14 @@ def test_bad_inputs_fail_before_training(tmp_path):
         check_config(Config(image=str(image)))
     with pytest.raises(ConceptError, match="--template"):
         check_config(Config(image=str(image), masks=masks, template="a photo"))
-    for name, value in (("loss_guidance", -1.0), ("loss_guidance", float("nan")), ("max_timestep", -5)):
+    for name, value in (
+        ("loss_guidance", -1.0),
+        ("loss_guidance", float("nan")),
+        ("max_timestep", -5),
+        ("pixel_weight", -0.5),
+        ("pixel_weight", float("nan")),
+        ("init_search", -1),
+    ):
         with pytest.raises(ConceptError, match=f"--{name.replace('_', '-')}"):
             check_config(Config(image=str(image), masks=masks, **{name: value}))
 
@@ -325,6 +332,111 @@ def test_guided_loss_and_timestep_cap(tiny_models, tmp_path):
     trainer.config = replace(config, max_timestep=50)
     drawn = torch.cat([trainer.draw_batch()["timesteps"] for _ in range(40)])
     assert drawn.max() < 50 and drawn.unique().numel() > 10
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_clean_inverts_the_training_target(prediction_type):
+    """The clean latent recovered from a perfect prediction is the one that was noised, for either prediction type."""
+    from diffusers import DDPMScheduler
+
+    from attncontrol.training.concepts import _predicted_clean, _target
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([5, 500, 990])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    recovered = _predicted_clean(scheduler, noisy, _target(scheduler, clean, noise, timesteps), timesteps)
+    torch.testing.assert_close(recovered, clean, atol=2e-4, rtol=1e-4)
+
+
+def test_pixel_loss_scores_the_decoded_prediction_inside_the_masks(tiny_models, tmp_path):
+    """``pixel_weight`` adds the masked squared error of the decoded clean-image prediction: equal to a reference
+    built from the UNet and VAE by hand, blind to pixels outside the masks, and added to the loss at its weight."""
+    from accelerate import Accelerator
+
+    from attncontrol.core.store import AttentionStore
+    from attncontrol.training.concepts import ConceptTrainer, _encode
+
+    config = _config(
+        tmp_path, tiny_models / "sd", phase2_steps=0, attention_loss="none", masked_loss_mean="mask", pixel_weight=2.0
+    )
+    trainer = ConceptTrainer(config, Accelerator())
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([300])
+    fixed = {"subset": [1], "flip": False, "prior": None, "noise": noise, "timesteps": timesteps}
+    store = AttentionStore(kinds="cross", layers="cross")
+
+    def terms() -> dict[str, float]:
+        with torch.no_grad(), trainer.observed(store):
+            return {name: float(value) for name, value in trainer.losses(store, fixed).items()}
+
+    pipe, clean = trainer.pipe, trainer.latents[0]
+    noisy = pipe.scheduler.add_noise(clean, noise, timesteps)
+    with torch.no_grad():
+        embeds, _ = _encode(pipe, [concept_prompt([trainer.tokens[1]])], trainer.device, trainer.size)
+        epsilon = pipe.unet(noisy, timesteps, embeds).sample
+        alpha = pipe.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        guess = (noisy - (1 - alpha).sqrt() * epsilon) / alpha.sqrt()
+        decoded = pipe.vae.decode(guess / pipe.vae.config.scaling_factor).sample
+    mask = trainer.masks[1]
+    reference = float(((decoded[0] - trainer.inputs.pixels) ** 2 * mask).sum() / (3 * mask.sum()))
+
+    first = terms()
+    assert first["pixel"] == pytest.approx(reference, rel=1e-4)
+    assert first["loss"] == pytest.approx(first["diffusion"] + 2.0 * first["pixel"], rel=1e-5)
+    original = trainer.inputs.pixels.clone()
+    trainer.inputs.pixels[:, mask == 0] = -original[:, mask == 0]
+    assert terms()["pixel"] == pytest.approx(first["pixel"], rel=1e-6)
+    trainer.inputs.pixels[:, mask == 1] = 1.0 - original[:, mask == 1]
+    assert terms()["pixel"] != pytest.approx(first["pixel"], rel=1e-2)
+
+
+def test_initializer_search_starts_from_the_best_scoring_word(tiny_models, tmp_path):
+    """``init_search``: each vector starts from the candidate word with the lowest masked loss on fixed draws (or
+    keeps its initializer if none is lower); with more candidates than ``init_search`` only that many, ranked by the
+    loss's gradient, are scored; the search leaves no gradients behind."""
+    from accelerate import Accelerator
+
+    from attncontrol.training.concepts import ConceptTrainer
+
+    words = ["red", "blue", "green", "circle", "square"]
+    config = _config(tmp_path, tiny_models / "sd", num_vectors=1, init_search=8, init_search_rounds=1, init_words=words)
+    trainer = ConceptTrainer(config, Accelerator())
+    tokenizer, table = trainer.pipe.tokenizer, trainer.embeddings[0].table.weight
+    fixed = [trainer._search_draws(concept) for concept in range(2)]
+    trainer._search_draws = lambda concept: fixed[concept]
+
+    def loss_with(concept: int, row: torch.Tensor) -> float:
+        saved = trainer.rows[0][concept].detach().clone()
+        with torch.no_grad():
+            trainer.rows[0][concept] = row
+            value = float(trainer._search_loss(concept, fixed[concept]).mean())
+            trainer.rows[0][concept] = saved
+        return value
+
+    expected = []
+    for concept in range(2):
+        losses = {word: loss_with(concept, table[tokenizer(word).input_ids[1]]) for word in words}
+        start = loss_with(concept, trainer.rows[0][concept].detach())
+        best = min(losses, key=losses.get)
+        expected.append(best if losses[best] < start else "(initializer)")
+    trainer.search_initializers()
+    assert [entry["words"] for entry in trainer.initializer_search] == [[word] for word in expected]
+    for concept, word in enumerate(expected):
+        if word != "(initializer)":
+            torch.testing.assert_close(trainer.rows[0][concept].detach(), table[tokenizer(word).input_ids[1]])
+    assert all(p.grad is None for p in trainer.pipe.unet.parameters())
+
+    scored = []
+    trainer.config = replace(config, init_search=2)
+    original = trainer._search_loss
+    trainer._search_loss = lambda concept, draws: scored.append(concept) or original(concept, draws)
+    trainer.search_initializers()
+    assert len(scored) == 2 * (1 + 1 + 2)  # per concept: the start, the gradient, two candidates
+
+    with pytest.raises(ConceptError, match="init-words"):
+        ConceptTrainer(replace(config, init_words=["notaword"]), Accelerator()).search_initializers()
 
 
 def test_two_processes_train_in_step(tiny_models, tmp_path):
