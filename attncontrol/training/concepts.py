@@ -728,16 +728,18 @@ class ConceptTrainer:
         return torch.tensor(sorted(words))
 
     def _search_draws(self, concept: int) -> dict[str, torch.Tensor]:
-        """Fixed (flip, noise, timestep) draws for one concept, with the empty prompt's prediction computed once."""
+        """Fixed (flip, noise, timestep) draws for one concept. Seeded by the config alone, not the process, so
+        every ``accelerate`` process picks the same words and they train in step."""
         config = self.config
         count = config.init_search_draws
+        generator = torch.Generator("cpu").manual_seed(config.seed + 7919 * (concept + 1))
         highest = min(config.max_timestep or 10**9, config.init_search_max_timestep)
         highest = min(highest, self.pipe.scheduler.config.num_train_timesteps)
-        flips = torch.rand(count, generator=self.generator) < (0.5 if config.hflip else 0.0)
+        flips = torch.rand(count, generator=generator) < (0.5 if config.hflip else 0.0)
         clean = torch.cat([self.latents[int(flip)] for flip in flips.tolist()]).to(self.device)
-        noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
+        noise = torch.randn(clean.shape, generator=generator).to(self.device)
         # stratified: one timestep per equal slice of [0, highest), less noise than independent draws
-        timesteps = ((torch.arange(count) + torch.rand(count, generator=self.generator)) * highest / count).long()
+        timesteps = ((torch.arange(count) + torch.rand(count, generator=generator)) * highest / count).long()
         timesteps = timesteps.to(self.device)
         noisy = self.pipe.scheduler.add_noise(clean, noise, timesteps)
         mask = self.masks[concept][None, None].float()

@@ -405,6 +405,8 @@ def test_initializer_search_starts_from_the_best_scoring_word(tiny_models, tmp_p
     trainer = ConceptTrainer(config, Accelerator())
     tokenizer, table = trainer.pipe.tokenizer, trainer.embeddings[0].table.weight
     fixed = [trainer._search_draws(concept) for concept in range(2)]
+    # seeded by the config, not the process's stream: every accelerate process scores the same draws
+    torch.testing.assert_close(trainer._search_draws(1)["noisy"], fixed[1]["noisy"])
     trainer._search_draws = lambda concept: fixed[concept]
 
     def loss_with(concept: int, row: torch.Tensor) -> float:
