@@ -676,8 +676,7 @@ class ConceptTrainer:
         vae = self.pipe.vae
         latents = clean_latents / vae.config.scaling_factor  # the inverse of _encode_image
         decoded = vae.decode(latents.to(vae.dtype)).sample.float()
-        squared = (decoded - pixels[None].float()) ** 2 * mask[None, None].float()
-        return squared.sum() / (mask.sum().clamp_min(1.0) * squared.shape[0] * squared.shape[1])
+        return masked_diffusion_loss(decoded, pixels[None], mask[None, None].float(), mean_over="mask")
 
     @torch.no_grad()
     def _unconditional(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -749,7 +748,7 @@ class ConceptTrainer:
         return {"noisy": noisy, "timesteps": timesteps, "target": target, "masks": masks}
 
     def _search_loss(self, concept: int, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The masked diffusion loss of ``"a photo of <token>"`` on the draws, per draw.
+        """The masked diffusion loss of ``"a photo of <token>"`` on the draws (mean over the masked elements).
 
         The plain conditional loss, not the guided one of ``loss_guidance``: the guided prediction overshoots with
         strong words, so it tends to rank weak ones (a background colour, another shape) above the object's own.
@@ -759,9 +758,7 @@ class ConceptTrainer:
         with self.accelerator.autocast():
             embeds, added = _encode(self.pipe, [prompt] * count, self.device, self.size)
             prediction = self.pipe.unet(draws["noisy"], draws["timesteps"], embeds, added_cond_kwargs=added).sample
-        squared = ((prediction.float() - draws["target"].float()) * draws["masks"]) ** 2
-        covered = draws["masks"].expand_as(squared).flatten(1).sum(1).clamp_min(1.0)
-        return squared.flatten(1).sum(1) / covered
+        return masked_diffusion_loss(prediction, draws["target"], draws["masks"], mean_over="mask")
 
     def search_initializers(self) -> None:
         """Start each token's vectors from the vocabulary words that best explain its object.
@@ -785,13 +782,13 @@ class ConceptTrainer:
             vectors = range(concept * per_token, (concept + 1) * per_token)
             names = ["(initializer)"] * per_token
             with torch.no_grad():
-                best = float(self._search_loss(concept, draws).mean())
+                best = float(self._search_loss(concept, draws))
             for _ in range(config.init_search_rounds):
                 for position, vector in enumerate(vectors):
                     candidates = words
                     if len(words) > config.init_search:
                         # autograd.grad, not backward: the LoRA weights must not keep gradients from the search
-                        grads = torch.autograd.grad(self._search_loss(concept, draws).mean(), self.rows)
+                        grads = torch.autograd.grad(self._search_loss(concept, draws), self.rows)
                         gains = sum(
                             (table[words].float() - rows[vector].detach().float()) @ grad[vector].float()
                             for table, rows, grad in zip(tables, self.rows, grads, strict=True)
@@ -803,7 +800,7 @@ class ConceptTrainer:
                         for word in candidates.tolist():
                             for table, rows in zip(tables, self.rows, strict=True):
                                 rows[vector] = table[word].to(rows.dtype)
-                            scores.append(float(self._search_loss(concept, draws).mean()))
+                            scores.append(float(self._search_loss(concept, draws)))
                         pick = int(np.argmin(scores))
                         if scores[pick] < best:
                             best, word = scores[pick], int(candidates[pick])

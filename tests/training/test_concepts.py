@@ -413,7 +413,7 @@ def test_initializer_search_starts_from_the_best_scoring_word(tiny_models, tmp_p
         saved = trainer.rows[0][concept].detach().clone()
         with torch.no_grad():
             trainer.rows[0][concept] = row
-            value = float(trainer._search_loss(concept, fixed[concept]).mean())
+            value = float(trainer._search_loss(concept, fixed[concept]))
             trainer.rows[0][concept] = saved
         return value
 
