@@ -173,6 +173,8 @@ def merge(paths: list[str], json_path: str | None) -> None:
     reports = [json.loads(Path(path).read_text()) for path in paths]
     cases = [case for report in reports for case in report["cases"]]
     header = list(dict.fromkeys(line for report in reports for line in report.get("header", [])))
+    scenes = len({case["scene"] for case in cases})
+    header.append(f"Merged from {len(paths)} runs (each header above is one run's): {scenes} scenes in all")
     write_report({"header": header, "rows": summarize(cases), "cases": cases, "sources": paths}, json_path)
 
 

@@ -100,7 +100,7 @@ class Config:
     loss_guidance: float = 0.0  # > 0: fit the classifier-free-guided prediction at this scale (see `losses`); 0: off
     pixel_weight: float = 0.0  # > 0: also score the decoded clean-image prediction in pixels, inside the masks
     init_search: int = 0  # > 0: start each vector from the vocabulary word that best fits its object (see below)
-    init_search_draws: int = 16  # (noise, timestep) draws the search scores each candidate on
+    init_search_draws: int = 32  # (noise, timestep) draws the search scores each candidate on
     init_search_rounds: int = 2  # passes over a token's vectors
     init_search_max_timestep: int = 750  # the search's draws stay below it: above, layout outweighs colour
     init_words: list[str] = field(default_factory=list)  # the search's candidates; empty: every whole word
@@ -745,20 +745,33 @@ class ConceptTrainer:
         masks = torch.where(flips[:, None, None, None], mask.flip(-1), mask)
         masks = F.interpolate(masks, size=self.latent_grid, mode="nearest").to(self.device)
         target = _target(self.pipe.scheduler, clean, noise, timesteps)
-        return {"noisy": noisy, "timesteps": timesteps, "target": target, "masks": masks}
+        draws = {"noisy": noisy, "timesteps": timesteps, "target": target, "masks": masks}
+        draws["baseline"] = self._per_draw_loss(self._unconditional(noisy, timesteps), draws).detach()
+        return draws
+
+    @staticmethod
+    def _per_draw_loss(prediction: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each draw's squared error, averaged over its masked elements: ``[draws]``."""
+        squared = ((prediction.float() - draws["target"].float()) * draws["masks"]) ** 2
+        covered = draws["masks"].expand_as(squared).sum((1, 2, 3)).clamp_min(1.0)
+        return squared.sum((1, 2, 3)) / covered
 
     def _search_loss(self, concept: int, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The masked diffusion loss of ``"a photo of <token>"`` on the draws (mean over the masked elements).
+        """How well ``"a photo of <token>"`` explains the object: on each draw, its masked loss relative to the
+        empty prompt's, averaged over the draws.
 
-        The plain conditional loss, not the guided one of ``loss_guidance``: the guided prediction overshoots with
-        strong words, so it tends to rank weak ones (a background colour, another shape) above the object's own.
+        Relative, not the plain mean: a draw's loss grows by an order of magnitude from low to high timesteps, so
+        a plain mean is decided by the few noisiest draws, where a word changes little, and the ranking of colours
+        flips with the draws; relative to the empty prompt, every draw counts by how much the words explain
+        (``benchmarks/concept_search_probe.py``). The plain conditional prediction, not the guided one of
+        ``loss_guidance``: that overshoots with strong words and ranks weak ones (a background colour) first.
         """
         prompt = concept_prompt([self.tokens[concept]], self.config.template)
         count = len(draws["noisy"])
         with self.accelerator.autocast():
             embeds, added = _encode(self.pipe, [prompt] * count, self.device, self.size)
             prediction = self.pipe.unet(draws["noisy"], draws["timesteps"], embeds, added_cond_kwargs=added).sample
-        return masked_diffusion_loss(prediction, draws["target"], draws["masks"], mean_over="mask")
+        return (self._per_draw_loss(prediction, draws) / draws["baseline"].clamp_min(1e-12)).mean()
 
     def search_initializers(self) -> None:
         """Start each token's vectors from the vocabulary words that best explain its object.

@@ -441,6 +441,39 @@ def test_initializer_search_starts_from_the_best_scoring_word(tiny_models, tmp_p
         ConceptTrainer(replace(config, init_words=["notaword"]), Accelerator()).search_initializers()
 
 
+def test_search_score_is_each_draws_masked_loss_relative_to_the_empty_prompt(tiny_models, tmp_path):
+    """The search scores a token by the mean over draws of (its masked loss / the empty prompt's masked loss on the
+    same draw), so noisy high-timestep draws do not outweigh the rest; elements outside the mask do not count."""
+    from accelerate import Accelerator
+
+    from attncontrol.training.concepts import ConceptTrainer
+
+    config = _config(tmp_path, tiny_models / "sd", num_vectors=1, init_search=2, init_search_draws=3)
+    trainer = ConceptTrainer(config, Accelerator())
+    pipe = trainer.pipe
+    draws = trainer._search_draws(1)
+
+    def masked_per_draw(prompt: str, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt([prompt] * 3, "cpu", 1, False)
+            prediction = pipe.unet(draws["noisy"], draws["timesteps"], embeds).sample
+        mask = draws["masks"]
+        return (((prediction - target) * mask) ** 2).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * prediction.shape[1])
+
+    prompt = config.template.format(trainer.tokens[1])
+    reference = (masked_per_draw(prompt, draws["target"]) / masked_per_draw("", draws["target"])).mean()
+    with torch.no_grad():
+        score = trainer._search_loss(1, draws)
+    assert float(score) == pytest.approx(float(reference), rel=1e-4)
+    plain = masked_per_draw(prompt, draws["target"]).mean()
+    assert float(score) != pytest.approx(float(plain), rel=1e-2)  # not the plain mean
+
+    outside = draws["masks"] == 0
+    changed = dict(draws, target=torch.where(outside, draws["target"] + 5.0, draws["target"]))
+    with torch.no_grad():
+        assert float(trainer._search_loss(1, changed)) == pytest.approx(float(score), rel=1e-5)
+
+
 def test_two_processes_train_in_step(tiny_models, tmp_path):
     """``accelerate launch`` with 2 CPU processes (gloo): gradients are averaged across processes, so both end with
     the same weights although each draws its own noise; the main process exports."""
