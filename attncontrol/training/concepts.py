@@ -760,9 +760,9 @@ class ConceptTrainer:
         """How well ``"a photo of <token>"`` explains the object: on each draw, its masked loss relative to the
         empty prompt's, averaged over the draws.
 
-        Relative, not the plain mean: a draw's loss grows by an order of magnitude from low to high timesteps, so
-        a plain mean is decided by the few noisiest draws, where a word changes little, and the ranking of colours
-        flips with the draws; relative to the empty prompt, every draw counts by how much the words explain
+        Relative, not the plain mean: a draw's loss varies several-fold with its timestep and noise, so a plain
+        mean is decided by the few draws with the largest losses, where a word changes little, and the ranking of
+        colours flips with the draws; relative to the empty prompt, every draw counts by how much the words explain
         (``benchmarks/concept_search_probe.py``). The plain conditional prediction, not the guided one of
         ``loss_guidance``: that overshoots with strong words and ranks weak ones (a background colour) first.
         """
