@@ -200,21 +200,28 @@ def cross_attention_loss(token_maps: torch.Tensor, masks: torch.Tensor, kind: st
 
 
 def masked_diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, mean_over: str = "image"
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mean_over: str = "image",
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """The diffusion loss where ``mask`` (``[B, 1, h, w]`` at the latent's size) is set; outside it the model is
     free (the background and any object the prompt does not name are not learned).
 
     ``mean_over="image"``: Break-A-Scene's mean over the whole latent of ``(mask * (prediction - target))**2``, so a
     small object weighs little; ``"mask"``: AttenCraft's mean over the masked elements only, so every object's
-    pixels weigh as much as an unmasked loss's.
+    pixels weigh as much as an unmasked loss's. ``per_sample``: one value per batch row ``[B]`` instead of one for
+    the batch (the concept trainer's word search weighs each draw itself).
     """
     squared = ((prediction.float() - target.float()) * mask) ** 2
+    dims = tuple(range(1, squared.ndim)) if per_sample else tuple(range(squared.ndim))
     if mean_over == "image":
-        return squared.mean()
+        return squared.mean(dims)
     if mean_over == "mask":
-        covered = mask.expand_as(squared).sum().clamp_min(1.0)
-        return squared.sum() / covered
+        covered = mask.expand_as(squared).sum(dims).clamp_min(1.0)
+        return squared.sum(dims) / covered
     raise ValueError(f"`mean_over` must be 'image' or 'mask', got {mean_over!r}")
 
 

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from _results import save_results
 from tqdm.auto import tqdm
 
+from attncontrol.concepts import masked_diffusion_loss
 from attncontrol.models import load_pipeline
 from attncontrol.shapes.concept_bench import concept_scenes
 from attncontrol.shapes.detector import detect
 from attncontrol.shapes.scenes import BACKGROUNDS, COLORS, SHAPES
-from attncontrol.training.concepts import ConceptTrainer, _encode_image, _target
+from attncontrol.training.concepts import _encode_image, _target
 
 SCORES = ("plain", "relative")
 
@@ -56,8 +57,8 @@ def pair_losses(pipe, scene, words: list[str], template: str, draws: int, seed: 
     for row in tqdm(range(len(prompts)), desc="word pairs", leave=False):
         prediction = pipe.unet(noisy, timesteps, embeds[row : row + 1].expand(draws, -1, -1)).sample
         for which, mask in enumerate(masks):
-            draw_set = {"target": target, "masks": mask.expand(draws, -1, -1, -1)}
-            losses[which][row] = ConceptTrainer._per_draw_loss(prediction, draw_set)
+            masked = mask.expand(draws, -1, -1, -1)
+            losses[which][row] = masked_diffusion_loss(prediction, target, masked, mean_over="mask", per_sample=True)
     return {"losses": [table.numpy() for table in losses], "timesteps": timesteps.numpy()}
 
 

@@ -746,15 +746,9 @@ class ConceptTrainer:
         masks = F.interpolate(masks, size=self.latent_grid, mode="nearest").to(self.device)
         target = _target(self.pipe.scheduler, clean, noise, timesteps)
         draws = {"noisy": noisy, "timesteps": timesteps, "target": target, "masks": masks}
-        draws["baseline"] = self._per_draw_loss(self._unconditional(noisy, timesteps), draws).detach()
+        unconditional = self._unconditional(noisy, timesteps)
+        draws["baseline"] = masked_diffusion_loss(unconditional, target, masks, mean_over="mask", per_sample=True)
         return draws
-
-    @staticmethod
-    def _per_draw_loss(prediction: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each draw's squared error, averaged over its masked elements: ``[draws]``."""
-        squared = ((prediction.float() - draws["target"].float()) * draws["masks"]) ** 2
-        covered = draws["masks"].expand_as(squared).sum((1, 2, 3)).clamp_min(1.0)
-        return squared.sum((1, 2, 3)) / covered
 
     def _search_loss(self, concept: int, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         """How well ``"a photo of <token>"`` explains the object: on each draw, its masked loss relative to the
@@ -771,7 +765,8 @@ class ConceptTrainer:
         with self.accelerator.autocast():
             embeds, added = _encode(self.pipe, [prompt] * count, self.device, self.size)
             prediction = self.pipe.unet(draws["noisy"], draws["timesteps"], embeds, added_cond_kwargs=added).sample
-        return (self._per_draw_loss(prediction, draws) / draws["baseline"].clamp_min(1e-12)).mean()
+        per_draw = masked_diffusion_loss(prediction, draws["target"], draws["masks"], mean_over="mask", per_sample=True)
+        return (per_draw / draws["baseline"].clamp_min(1e-12)).mean()
 
     def search_initializers(self) -> None:
         """Start each token's vectors from the vocabulary words that best explain its object.

@@ -63,6 +63,13 @@ def test_masked_diffusion_loss_ignores_what_the_mask_leaves_out():
     assert float(masked_diffusion_loss(prediction, target, mask)) == pytest.approx(4 * 4.0 / target.numel())
     # AttenCraft's mean over the masked elements: the same error, counted against the 4 x 32 masked elements only
     assert float(masked_diffusion_loss(prediction, target, mask, mean_over="mask")) == pytest.approx(16.0 / 128)
+    # per sample: one value per batch row over its own mask (row 1 right everywhere, row 2 masked on a quarter)
+    batch = (torch.cat([prediction, prediction, prediction]), torch.cat([target, torch.zeros_like(target), target]))
+    masks = torch.cat([mask, mask, mask * (torch.arange(8) < 2).float()])
+    per_row = masked_diffusion_loss(*batch, masks, mean_over="mask", per_sample=True)
+    torch.testing.assert_close(per_row, torch.tensor([16.0 / 128, 0.0, 16.0 / 32]))
+    per_row = masked_diffusion_loss(*batch, masks, per_sample=True)
+    torch.testing.assert_close(per_row, torch.tensor([16.0 / 256, 0.0, 16.0 / 256]))
 
 
 # ------------------------------------------------------------------------------------------------ masks from attention
