@@ -30,17 +30,16 @@ from attncontrol.concepts import masked_diffusion_loss
 from attncontrol.models import load_pipeline
 from attncontrol.shapes.concept_bench import concept_scenes
 from attncontrol.shapes.detector import detect
-from attncontrol.shapes.scenes import BACKGROUNDS, COLORS, SHAPES
+from attncontrol.shapes.scenes import BACKGROUNDS, COLORS, SHAPES, to_tensor
 from attncontrol.training.concepts import _encode_image, _target
 
 SCORES = ("plain", "relative")
 
 
 @torch.no_grad()
-def pair_losses(pipe, scene, words: list[str], template: str, draws: int, seed: int) -> dict:
-    """Per-draw masked losses ``[pairs + 1, draws]`` per object (row 0: the empty prompt) and the draws' timesteps."""
-    pixels = torch.tensor(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    clean = _encode_image(pipe, pixels)
+def pair_losses(pipe, scene, clean: torch.Tensor, words: list[str], template: str, draws: int, seed: int) -> dict:
+    """Per-draw masked losses ``[pairs + 1, draws]`` per object (row 0: the empty prompt) and the draws' timesteps;
+    ``clean`` is the scene's encoded latent."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((draws, *clean.shape[1:]), generator=generator)
     steps = pipe.scheduler.config.num_train_timesteps
@@ -63,12 +62,10 @@ def pair_losses(pipe, scene, words: list[str], template: str, draws: int, seed: 
 
 
 @torch.no_grad()
-def reconstruction(pipe, scene) -> set[tuple[str, str]]:
-    """The (colour, shape) pairs the detector finds in the VAE's reconstruction of the scene: what the training
-    target (the encoded image) still shows; an object lost there cannot be learned back from it."""
-    pixels = torch.tensor(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    latents = _encode_image(pipe, pixels) / pipe.vae.config.scaling_factor
-    decoded = pipe.vae.decode(latents).sample.clamp(-1, 1)[0]
+def reconstruction(pipe, clean: torch.Tensor) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs the detector finds in the VAE's reconstruction of the scene (``clean``, its
+    encoded latent): what the training target still shows; an object lost there cannot be learned back from it."""
+    decoded = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)[0]
     image = ((decoded.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
     return {(found.color, found.shape) for found in detect(image)}
 
@@ -116,9 +113,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = []
     for index, scene in enumerate(tqdm(concept_scenes(args.scenes), desc="scenes")):
-        probed = pair_losses(pipe, scene, words, args.template, args.draws, seed=index)
+        clean = _encode_image(pipe, to_tensor([scene]))
+        probed = pair_losses(pipe, scene, clean, words, args.template, args.draws, seed=index)
         below = probed["timesteps"] < args.max_timestep
-        rebuilt = reconstruction(pipe, scene)
+        rebuilt = reconstruction(pipe, clean)
         for which, obj in enumerate(scene.objects):
             losses = probed["losses"][which][:, below]
             case = {"scene": index, "object": which, "color": obj.color, "shape": obj.shape}
