@@ -98,6 +98,7 @@ class Config:
     masked_loss_mean: str = "image"  # "image": Break-A-Scene's mean over the latent; "mask": over the masked pixels
     max_timestep: int = 0  # > 0: training timesteps are drawn below this; 0: the whole schedule
     loss_guidance: float = 0.0  # > 0: fit the classifier-free-guided prediction at this scale (see `losses`); 0: off
+    loss_guidance_phase2: bool = True  # False: phase 2 fits the plain prediction (Break-A-Scene's loss)
     pixel_weight: float = 0.0  # > 0: also score the decoded clean-image prediction in pixels, inside the masks
     init_search: int = 0  # > 0: start each vector from the vocabulary word that best fits its object (see below)
     init_search_draws: int = 32  # (noise, timestep) draws the search scores each candidate on
@@ -631,13 +632,14 @@ class ConceptTrainer:
         noisy = self.pipe.scheduler.add_noise(clean, noise, timesteps)
         target = _target(self.pipe.scheduler, clean, noise, timesteps)
         row = len(prompts) - 1
-        unconditional = self._unconditional(noisy[row:], timesteps[row:]) if config.loss_guidance > 0 else None
+        guidance = config.loss_guidance if self.phase == 1 or config.loss_guidance_phase2 else 0.0
+        unconditional = self._unconditional(noisy[row:], timesteps[row:]) if guidance > 0 else None
         store.reset()
         with self.accelerator.autocast():
             embeds, added = _encode(self.pipe, prompts, self.device, self.size)
             prediction = self.pipe.unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
         if unconditional is not None:
-            guided = unconditional + config.loss_guidance * (prediction[row:] - unconditional)
+            guided = unconditional + guidance * (prediction[row:] - unconditional)
             prediction = torch.cat([prediction[:row], guided])
         union = masks.amax(0)[None, None].to(self.device)
         union = F.interpolate(union, size=self.latent_grid, mode="nearest")

@@ -302,7 +302,8 @@ def test_attention_loss_moves_token_maps_towards_masks(tiny_models, tmp_path):
 
 def test_guided_loss_and_timestep_cap(tiny_models, tmp_path):
     """With ``loss_guidance`` w the masked loss is taken on ``uncond + w * (cond - uncond)``, the prediction the
-    sampler uses at guidance w; w = 1 is the plain loss. ``max_timestep`` bounds the drawn timesteps."""
+    sampler uses at guidance w; w = 1 is the plain loss; ``loss_guidance_phase2=False`` keeps phase 2 plain.
+    ``max_timestep`` bounds the drawn timesteps."""
     from accelerate import Accelerator
 
     from attncontrol.core.store import AttentionStore
@@ -335,6 +336,12 @@ def test_guided_loss_and_timestep_cap(tiny_models, tmp_path):
     assert diffusion(1.0) == pytest.approx(reference(1.0), rel=1e-5)
     assert diffusion(4.0) == pytest.approx(reference(4.0), rel=1e-5)
     assert reference(4.0) != pytest.approx(reference(1.0), rel=1e-3)
+    # loss_guidance_phase2=False: phase 1 stays guided, phase 2 fits the plain prediction
+    config = replace(config, loss_guidance_phase2=False)
+    assert diffusion(4.0) == pytest.approx(reference(4.0), rel=1e-5)
+    trainer.phase = 2
+    assert diffusion(4.0) == pytest.approx(reference(1.0), rel=1e-5)
+    trainer.phase = 1
 
     trainer.config = replace(config, max_timestep=50)
     drawn = torch.cat([trainer.draw_batch()["timesteps"] for _ in range(40)])
