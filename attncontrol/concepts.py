@@ -279,19 +279,25 @@ def attention_masks(
     power: int = 4,
     threshold: float = 0.1,
     restarts: int = 3,
+    groups: int = 0,
 ) -> torch.Tensor:
     """Masks of the concepts from the model's attention, ``[N, h, w]`` booleans on the self-attention grid.
 
     Args:
         token_maps: ``[N, h, w]`` cross-attention of each concept token on the self-attention grid.
         self_maps: ``[h * w, h * w]`` self-attention on that grid (rows: queries, each summing to 1).
-        method: ``"cluster"``: the self-attention rows are clustered into N + 1 groups (k-means), the group that
-            covers most of the image border is the background, and each token takes the group where its map stands
-            out most against the other tokens' (an exact best assignment). ``"propagate"``: AttenCraft's rule, each
+        method: ``"cluster"``: the self-attention rows are clustered into ``groups`` groups (k-means), the group
+            that covers most of the image border is the background, and each token takes one group, the assignment
+            that maximizes the summed ratios of each token's mean map inside its group to its mean over the image
+            (exact). ``"propagate"``: AttenCraft's rule, each
             token's squared, min-max-normalized map propagated by the min-max-normalized affinity to the
             ``power`` and assigned where it beats every other class by more than ``threshold``.
         background: ``[h, w]`` map of the background handle for ``"propagate"`` (AttenCraft: the start token),
             competing as a class of its own; ``None``: concepts only.
+        groups: ``"cluster"`` only: how many groups to cluster into (0: N + 1). With more, an object that k-means
+            would have split in two (a large circle's rim and inside) no longer takes the group of a small second
+            object; after the one-group-per-token assignment every further group that is not the background goes
+            to the token with the highest ratio there, if that ratio is above 1, and stays background otherwise.
 
     ``"cluster"`` is the default because on the shipped shapes model the start token is not a background map and
     token maps are too diffuse for the margin rule: on 16 rendered two-object scenes the found masks reach a mean
@@ -315,23 +321,37 @@ def attention_masks(
         return torch.stack([(best == k) & confident for k in range(count)])
     if method != "cluster":
         raise ValueError(f"`method` must be one of {MASK_METHODS}, got {method!r}")
+    if groups and groups < count + 1:
+        raise ValueError(f"`groups` must be 0 or at least the number of tokens + 1 ({count + 1}), got {groups}")
     rows = self_maps.float() / self_maps.float().sum(-1, keepdim=True).clamp_min(1e-12)
-    labels, _ = min((_kmeans(rows, count + 1, seed=seed) for seed in range(restarts)), key=lambda item: item[1])
-    labels = labels.reshape(height, width)
+    clusters = groups or count + 1
+    labels, _ = min((_kmeans(rows, clusters, seed=seed) for seed in range(restarts)), key=lambda item: item[1])
+    labels = labels.reshape(height, width).flatten()
     border = torch.zeros(height, width, dtype=torch.bool)
     border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
-    groups = range(int(labels.max()) + 1)
-    background_group = max(groups, key=lambda j: int(((labels == j) & border).sum()))
+    group_ids = range(int(labels.max()) + 1)
+    background_group = max(group_ids, key=lambda j: int(((labels == j) & border.flatten()).sum()))
     flat = token_maps.float().flatten(1)
-    contrast = flat - flat.mean(0, keepdim=True)  # how much each token stands out against the others
-    score = torch.full((count, len(groups)), -float("inf"))
-    for j in groups:
-        inside = labels.flatten() == j
+    # How much more each token attends to a group than to the image on average: a ratio to the token's own mean,
+    # so that a token whose attention is weak everywhere can still win the group it attends to most.
+    score = torch.full((count, len(group_ids)), -float("inf"))
+    for j in group_ids:
+        inside = labels == j
         if j != background_group and bool(inside.any()):
-            score[:, j] = contrast[:, inside].mean(1)
+            score[:, j] = flat[:, inside].mean(1) / flat.mean(1).clamp_min(1e-12)
     if int(torch.isfinite(score[0]).sum()) < count:
         return torch.zeros(count, height, width, dtype=torch.bool)
-    return torch.stack([labels == group for group in _best_assignment(score)])
+    owner = torch.full_like(labels, -1)
+    chosen = _best_assignment(score)
+    for token, group in enumerate(chosen):
+        owner[labels == group] = token
+    for j in group_ids:  # the further groups of an over-segmentation (``groups`` > N + 1)
+        if j in chosen or not torch.isfinite(score[0, j]):
+            continue
+        token = int(score[:, j].argmax())
+        if score[token, j] > 1:
+            owner[labels == j] = token
+    return torch.stack([owner == token for token in range(count)]).reshape(count, height, width)
 
 
 def mask_ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:

@@ -3,7 +3,8 @@ scenes), the trainer's first mask search (tokens at their initializers, as befor
 drawn object masks. Prints per rule the mean IoU, the objects found with IoU > 0.5, the searches that found both and
 those that found both objects but gave them to the wrong tokens.
 
-Run: python benchmarks/concept_masks.py [--scenes 16] [--methods cluster propagate] [--json report.json]
+Run: python benchmarks/concept_masks.py [--scenes 16] [--methods cluster cluster:5 propagate] [--json report.json]
+("cluster:5": the cluster rule with 5 self-attention groups, ``--mask-groups 5``.)
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from attncontrol.shapes.concept_bench import concept_scenes
 from attncontrol.training.concepts import ConceptTrainer, Config
 
 
-def scene_ious(scene, method: str, model: str, folder: Path, samples: int, seed: int) -> list[float]:
+def scene_ious(scene, method: str, model: str, folder: Path, samples: int, seed: int, groups: int = 0) -> list[float]:
     """IoU of each object's found mask with its drawn mask (0 when the search found nothing usable); ``seed`` draws
     the search's timesteps and noise."""
+    method, _, groups_text = method.partition(":")
+    groups = int(groups_text or groups)
     image = folder / "scene.png"
     Image.fromarray(scene.image).save(image)
     config = Config(
         model=model,
-        out=str(folder / method),
+        out=str(folder / f"{method}-{groups}"),
         image=str(image),
         mask_source="attention",
         mask_method=method,
         mask_samples=samples,
+        mask_groups=groups,
         num_concepts=len(scene.objects),
         initializers=[obj.shape for obj in scene.objects],
         phase2_steps=0,

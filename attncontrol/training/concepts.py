@@ -115,6 +115,7 @@ class Config:
     prior_weight: float = 1.0
     mask_method: str = "cluster"  # or "propagate" (AttenCraft's margin rule); see attncontrol.concepts
     mask_samples: int = 1  # forward passes (timestep, noise) averaged per mask search
+    mask_groups: int = 0  # "cluster": self-attention groups; 0: tokens + 1 (see attncontrol.concepts.attention_masks)
     mask_refresh_every: int = 20
     mask_threshold: float = 0.1
     mask_ssim: float = 0.8
@@ -179,6 +180,12 @@ def check_config(config: Config) -> None:
         raise ConceptError(f"`--max-timestep` must be >= 0 (0: the whole schedule), got {config.max_timestep}")
     if not config.pixel_weight >= 0:  # also refuses NaN
         raise ConceptError(f"`--pixel-weight` must be >= 0 (0: off), got {config.pixel_weight}")
+    count = len(config.masks) or len(config.tokens) or config.num_concepts
+    if config.mask_groups < 0 or (config.mask_groups and config.mask_groups <= count):
+        raise ConceptError(
+            f"`--mask-groups` must be 0 (tokens + 1) or more than the number of tokens ({count}), "
+            f"got {config.mask_groups}"
+        )
     for name in ("init_search", "init_search_draws", "init_search_rounds"):
         if getattr(config, name) < 0:
             raise ConceptError(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(config, name)}")
@@ -530,7 +537,12 @@ class ConceptTrainer:
         if config.mask_method == "propagate":  # AttenCraft's background handle: the start token's map
             background = store.maps("cross", size=grid)[0][..., 0]
         masks = attention_masks(
-            token_total, self_total, method=config.mask_method, background=background, threshold=config.mask_threshold
+            token_total,
+            self_total,
+            method=config.mask_method,
+            background=background,
+            threshold=config.mask_threshold,
+            groups=config.mask_groups,
         )
         masks = F.interpolate(masks.float()[:, None], size=self.size, mode="nearest")[:, 0]
         if config.mask_source == "both":

@@ -99,6 +99,35 @@ def test_attention_masks_recover_objects_from_coarse_maps_and_affinity():
     assert torch.equal(swapped[0], masks[1].bool()) and torch.equal(swapped[1], masks[0].bool())
 
 
+def test_attention_masks_more_groups_keep_a_split_object_whole():
+    """Self-attention with five regions: object 0, object 1's rim and inside, two background halves. With N + 1 = 3
+    groups k-means must merge regions and object 1 loses its rim; with more groups each extra group goes to the
+    token that attends to it more than on average (the rim) or stays background (the second half)."""
+    size = 16
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    square = (ys >= 2) & (ys <= 6) & (xs >= 2) & (xs <= 6)
+    distance = ((ys - 11) ** 2 + (xs - 11) ** 2).sqrt()
+    disc, inside = distance <= 4.2, distance <= 2.5
+    regions = (xs >= 8).long()  # background: left half 0, right half 1
+    regions[square], regions[disc & ~inside], regions[inside] = 2, 3, 4
+    cross = torch.stack(
+        [torch.exp(-((ys - 4) ** 2 + (xs - 4) ** 2) / 6), torch.exp(-((ys - 11) ** 2 + (xs - 11) ** 2) / 6)]
+    )
+    cross = cross + 0.05
+    labels = regions.flatten()
+    affinity = (labels[:, None] == labels[None, :]).float()
+    affinity = affinity / affinity.sum(-1, keepdim=True)
+
+    def ious(found: torch.Tensor) -> list[float]:
+        return [float((f & m).sum() / (f | m).sum()) for f, m in zip(found, (square, disc), strict=True)]
+
+    assert ious(attention_masks(cross, affinity))[1] < 0.5  # the rim is lost to the background
+    for groups in (4, 5, 6):
+        assert ious(attention_masks(cross, affinity, groups=groups)) == [1.0, 1.0], groups
+    with pytest.raises(ValueError, match="groups"):
+        attention_masks(cross, affinity, groups=2)
+
+
 def test_mask_ssim_prefers_similar_masks():
     masks = _blobs()
     assert mask_ssim(masks[0], masks[0]) == pytest.approx(1.0, abs=1e-6)
@@ -184,6 +213,8 @@ def test_bad_inputs_fail_before_training(tmp_path):
         ("pixel_weight", -0.5),
         ("pixel_weight", float("nan")),
         ("init_search", -1),
+        ("mask_groups", -1),
+        ("mask_groups", 2),  # two masks: 0 or at least 3 groups
     ):
         with pytest.raises(ConceptError, match=f"--{name.replace('_', '-')}"):
             check_config(Config(image=str(image), masks=masks, **{name: value}))
