@@ -4,7 +4,8 @@ drawn object masks. Prints per rule the mean IoU, the objects found with IoU > 0
 those that found both objects but gave them to the wrong tokens.
 
 Run: python benchmarks/concept_masks.py [--scenes 16] [--methods cluster cluster:5 propagate] [--json report.json]
-("cluster:5": the cluster rule with 5 self-attention groups, ``--mask-groups 5``.)
+("cluster:5": the cluster rule with 5 self-attention groups, ``--mask-groups 5``; "cluster:5:0.3" also drops mask
+pieces under 30% of the largest, ``--mask-min-piece 0.3``.)
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ from attncontrol.shapes.concept_bench import concept_scenes
 from attncontrol.training.concepts import ConceptTrainer, Config
 
 
-def scene_ious(scene, method: str, model: str, folder: Path, samples: int, seed: int, groups: int = 0) -> list[float]:
-    """IoU of each object's found mask with its drawn mask (0 when the search found nothing usable); ``seed`` draws
-    the search's timesteps and noise."""
-    method, _, groups_text = method.partition(":")
-    groups = int(groups_text or groups)
+def scene_ious(scene, rule: str, model: str, folder: Path, samples: int, seed: int) -> list[float]:
+    """IoU of each object's found mask with its drawn mask (0 when the search found nothing usable); ``rule`` is
+    ``method[:groups[:min_piece]]``; ``seed`` draws the search's timesteps and noise."""
+    method, groups_text, piece_text = [*rule.split(":"), "", ""][:3]
     image = folder / "scene.png"
     Image.fromarray(scene.image).save(image)
     config = Config(
         model=model,
-        out=str(folder / f"{method}-{groups}"),
+        out=str(folder / rule.replace(":", "-")),
         image=str(image),
         mask_source="attention",
         mask_method=method,
         mask_samples=samples,
-        mask_groups=groups,
+        mask_groups=int(groups_text or 0),
+        mask_min_piece=float(piece_text or 0),
         num_concepts=len(scene.objects),
         initializers=[obj.shape for obj in scene.objects],
         phase2_steps=0,

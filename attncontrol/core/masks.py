@@ -9,6 +9,7 @@ resample masks on every step.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Union
 
@@ -242,3 +243,25 @@ class SpatialMask:
             cached = resize_to_grid(self.image, grid).flatten().to(device=device, dtype=dtype)
             self._grids[key] = cached
         return cached
+
+
+def connected_components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean ``[H, W]`` mask, each as an array of (y, x) coordinates."""
+    seen = np.zeros_like(mask, dtype=bool)
+    height, width = mask.shape
+    found = []
+    for start_y, start_x in zip(*np.nonzero(mask), strict=True):
+        if seen[start_y, start_x]:
+            continue
+        queue = deque([(start_y, start_x)])
+        seen[start_y, start_x] = True
+        pixels = []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        found.append(np.array(pixels))
+    return found

@@ -9,12 +9,12 @@ guessed, which is how blurry or noisy generations degrade.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from attncontrol.core.masks import connected_components
 from attncontrol.shapes.scenes import COLORS, IMAGE_SIZE, SHAPES, shape_mask
 
 UNKNOWN = "unknown"
@@ -111,28 +111,6 @@ def _clean_labels(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.where(fill, majority, cleaned)
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask, each as an array of (y, x) coordinates."""
-    seen = np.zeros_like(mask, dtype=bool)
-    height, width = mask.shape
-    found = []
-    for start_y, start_x in zip(*np.nonzero(mask), strict=True):
-        if seen[start_y, start_x]:
-            continue
-        queue = deque([(start_y, start_x)])
-        seen[start_y, start_x] = True
-        pixels = []
-        while queue:
-            y, x = queue.popleft()
-            pixels.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        found.append(np.array(pixels))
-    return found
-
-
 def classify_shape(region: np.ndarray) -> tuple[str, float]:
     """Best-fitting shape of a boolean region mask and its IoU, or ("unknown", best IoU)."""
     ys, xs = np.nonzero(region)
@@ -184,7 +162,7 @@ def detect(image: Image.Image | np.ndarray, *, min_area: int = MIN_AREA) -> list
     names = list(COLORS)
     objects = []
     for index, color in enumerate(names, start=1):
-        for pixels in _components(labels == index):
+        for pixels in connected_components(labels == index):
             if len(pixels) < min_area:
                 continue
             region = np.zeros(labels.shape, dtype=bool)

@@ -116,6 +116,7 @@ class Config:
     mask_method: str = "cluster"  # or "propagate" (AttenCraft's margin rule); see attncontrol.concepts
     mask_samples: int = 1  # forward passes (timestep, noise) averaged per mask search
     mask_groups: int = 0  # "cluster": self-attention groups; 0: tokens + 1 (see attncontrol.concepts.attention_masks)
+    mask_min_piece: float = 0.0  # drop mask pieces smaller than this fraction of the mask's largest piece
     mask_refresh_every: int = 20
     mask_threshold: float = 0.1
     mask_ssim: float = 0.8
@@ -186,6 +187,8 @@ def check_config(config: Config) -> None:
             f"`--mask-groups` must be 0 (tokens + 1) or more than the number of tokens ({count}), "
             f"got {config.mask_groups}"
         )
+    if not 0 <= config.mask_min_piece <= 1:  # also refuses NaN
+        raise ConceptError(f"`--mask-min-piece` must be between 0 and 1, got {config.mask_min_piece}")
     for name in ("init_search", "init_search_draws", "init_search_rounds"):
         if getattr(config, name) < 0:
             raise ConceptError(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(config, name)}")
@@ -543,6 +546,7 @@ class ConceptTrainer:
             background=background,
             threshold=config.mask_threshold,
             groups=config.mask_groups,
+            min_piece=config.mask_min_piece,
         )
         masks = F.interpolate(masks.float()[:, None], size=self.size, mode="nearest")[:, 0]
         if config.mask_source == "both":

@@ -126,6 +126,18 @@ def test_attention_masks_more_groups_keep_a_split_object_whole():
         assert ious(attention_masks(cross, affinity, groups=groups)) == [1.0, 1.0], groups
     with pytest.raises(ValueError, match="groups"):
         attention_masks(cross, affinity, groups=2)
+    # a speck that token 1 also attends to: its own group goes to token 1, unless pieces that small are dropped
+    speck = torch.zeros(size, size, dtype=torch.bool)
+    speck[1, 13:15] = True
+    regions[speck] = 5
+    labels = regions.flatten()
+    affinity = (labels[:, None] == labels[None, :]).float()
+    affinity = affinity / affinity.sum(-1, keepdim=True)
+    cross[1][speck] = 1.0
+    found = attention_masks(cross, affinity, groups=6)
+    assert torch.equal(found[1], disc | speck) and torch.equal(found[0], square)
+    found = attention_masks(cross, affinity, groups=6, min_piece=0.25)
+    assert torch.equal(found[1], disc) and torch.equal(found[0], square)
 
 
 def test_mask_ssim_prefers_similar_masks():
@@ -215,6 +227,7 @@ def test_bad_inputs_fail_before_training(tmp_path):
         ("init_search", -1),
         ("mask_groups", -1),
         ("mask_groups", 2),  # two masks: 0 or at least 3 groups
+        ("mask_min_piece", 1.5),
     ):
         with pytest.raises(ConceptError, match=f"--{name.replace('_', '-')}"):
             check_config(Config(image=str(image), masks=masks, **{name: value}))
