@@ -280,7 +280,7 @@ def attention_masks(
     threshold: float = 0.1,
     restarts: int = 3,
     groups: int = 0,
-    min_piece: float = 0.0,
+    min_piece: float = 0.25,
 ) -> torch.Tensor:
     """Masks of the concepts from the model's attention, ``[N, h, w]`` booleans on the self-attention grid.
 
@@ -295,17 +295,18 @@ def attention_masks(
             ``power`` and assigned where it beats every other class by more than ``threshold``.
         background: ``[h, w]`` map of the background handle for ``"propagate"`` (AttenCraft: the start token),
             competing as a class of its own; ``None``: concepts only.
-        groups: ``"cluster"`` only: how many groups to cluster into (0: N + 1). With more, an object that k-means
-            would have split in two (a large circle's rim and inside) no longer takes the group of a small second
-            object; after the one-group-per-token assignment every further group that is not the background goes
-            to the token with the highest ratio there, if that ratio is above 1, and stays background otherwise.
+        groups: ``"cluster"`` only: how many groups to cluster into (0: N + 2). With more than N + 1, an object
+            that k-means would have split in two (a large circle's rim and inside) no longer takes the group of a
+            small second object; after the one-group-per-token assignment every further group that is not the
+            background goes to the token with the highest ratio there, if that ratio is above 1, and stays
+            background otherwise.
         min_piece: drop each mask's 4-connected pieces smaller than this fraction of its largest piece (0: keep
             all): a group of the other object's rim, or a speck, that went to the wrong token.
 
     ``"cluster"`` is the default because on the shipped shapes model the start token is not a background map and
-    token maps are too diffuse for the margin rule: on 16 rendered two-object scenes the found masks reach a mean
-    IoU of 0.60 with it against 0.10 with ``"propagate"`` (``benchmarks/concept_masks.py``;
-    ``tests/training/test_concepts.py`` checks one scene).
+    token maps are too diffuse for the margin rule; N + 2 groups and pieces of at least 0.25 are the best measured
+    there (mask IoU with the drawn objects in ``benchmarks/concept_masks.py``, tokens drawn in
+    ``benchmarks/concepts.py``; docs/concepts.md). ``tests/training/test_concepts.py`` checks one scene.
     """
     count, height, width = token_maps.shape
     if self_maps.shape != (height * width, height * width):
@@ -327,7 +328,7 @@ def attention_masks(
     if groups and groups < count + 1:
         raise ValueError(f"`groups` must be 0 or at least the number of tokens + 1 ({count + 1}), got {groups}")
     rows = self_maps.float() / self_maps.float().sum(-1, keepdim=True).clamp_min(1e-12)
-    clusters = groups or count + 1
+    clusters = groups or count + 2
     labels, _ = min((_kmeans(rows, clusters, seed=seed) for seed in range(restarts)), key=lambda item: item[1])
     labels = labels.reshape(height, width).flatten()
     border = torch.zeros(height, width, dtype=torch.bool)

@@ -4,8 +4,9 @@ drawn object masks. Prints per rule the mean IoU, the objects found with IoU > 0
 those that found both objects but gave them to the wrong tokens.
 
 Run: python benchmarks/concept_masks.py [--scenes 16] [--methods cluster cluster:5 propagate] [--json report.json]
-("cluster:5": the cluster rule with 5 self-attention groups, ``--mask-groups 5``; "cluster:5:0.3" also drops mask
-pieces under 30% of the largest, ``--mask-min-piece 0.3``.)
+("cluster:5": the cluster rule with 5 self-attention groups, ``--mask-groups 5``; "cluster:5:0.3" drops mask pieces
+under 30% of the largest, ``--mask-min-piece 0.3``; "cluster:3:0": the rule before either option. Left out, each takes
+the trainer's default.)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def scene_ious(scene, rule: str, model: str, folder: Path, samples: int, seed: i
         mask_method=method,
         mask_samples=samples,
         mask_groups=int(groups_text or 0),
-        mask_min_piece=float(piece_text or 0),
+        mask_min_piece=float(piece_text or Config.mask_min_piece),
         num_concepts=len(scene.objects),
         initializers=[obj.shape for obj in scene.objects],
         phase2_steps=0,

@@ -115,8 +115,8 @@ class Config:
     prior_weight: float = 1.0
     mask_method: str = "cluster"  # or "propagate" (AttenCraft's margin rule); see attncontrol.concepts
     mask_samples: int = 1  # forward passes (timestep, noise) averaged per mask search
-    mask_groups: int = 0  # "cluster": self-attention groups; 0: tokens + 1 (see attncontrol.concepts.attention_masks)
-    mask_min_piece: float = 0.0  # drop mask pieces smaller than this fraction of the mask's largest piece
+    mask_groups: int = 0  # "cluster": self-attention groups; 0: tokens + 2 (see attncontrol.concepts.attention_masks)
+    mask_min_piece: float = 0.25  # drop mask pieces smaller than this fraction of the mask's largest piece
     mask_refresh_every: int = 20
     mask_threshold: float = 0.1
     mask_ssim: float = 0.8
@@ -184,7 +184,7 @@ def check_config(config: Config) -> None:
     count = len(config.masks) or len(config.tokens) or config.num_concepts
     if config.mask_groups < 0 or (config.mask_groups and config.mask_groups <= count):
         raise ConceptError(
-            f"`--mask-groups` must be 0 (tokens + 1) or more than the number of tokens ({count}), "
+            f"`--mask-groups` must be 0 (tokens + 2) or more than the number of tokens ({count}), "
             f"got {config.mask_groups}"
         )
     if not 0 <= config.mask_min_piece <= 1:  # also refuses NaN
