@@ -290,9 +290,9 @@ def attention_masks(
         method: ``"cluster"``: the self-attention rows are clustered into ``groups`` groups (k-means), the group
             that covers most of the image border is the background, and each token takes one group, the assignment
             that maximizes the summed ratios of each token's mean map inside its group to its mean over the image
-            (exact). ``"propagate"``: AttenCraft's rule, each
-            token's squared, min-max-normalized map propagated by the min-max-normalized affinity to the
-            ``power`` and assigned where it beats every other class by more than ``threshold``.
+            (exact). ``"propagate"``: AttenCraft's rule, each token's squared, min-max-normalized map propagated by
+            the min-max-normalized affinity to the ``power`` and assigned where it beats every other class by more
+            than ``threshold``.
         background: ``[h, w]`` map of the background handle for ``"propagate"`` (AttenCraft: the start token),
             competing as a class of its own; ``None``: concepts only.
         groups: ``"cluster"`` only: how many groups to cluster into (0: N + 2). With more than N + 1, an object
@@ -363,16 +363,14 @@ def drop_small_pieces(masks: torch.Tensor, fraction: float) -> torch.Tensor:
     """``[N, h, w]`` boolean masks without the 4-connected pieces smaller than ``fraction`` of each mask's largest."""
     if fraction <= 0:
         return masks
-    kept = torch.zeros_like(masks)
-    for index, mask in enumerate(masks.numpy()):
+    kept = np.zeros(masks.shape, dtype=bool)
+    for index, mask in enumerate(masks.bool().cpu().numpy()):
         pieces = connected_components(mask)
-        if not pieces:
-            continue
-        largest = max(len(piece) for piece in pieces)
+        largest = max((len(piece) for piece in pieces), default=0)
         for piece in pieces:
             if len(piece) >= fraction * largest:
                 kept[index, piece[:, 0], piece[:, 1]] = True
-    return kept
+    return torch.from_numpy(kept).to(masks.device)
 
 
 def mask_ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
