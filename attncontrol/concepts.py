@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attncontrol.core.errors import ConceptError
-from attncontrol.core.masks import MaskLike, connected_components, load_mask, resize_to_grid
+from attncontrol.core.masks import MaskLike, drop_small_pieces, load_mask, resize_to_grid
 
 logger = logging.getLogger(__name__)
 
@@ -330,11 +330,11 @@ def attention_masks(
     rows = self_maps.float() / self_maps.float().sum(-1, keepdim=True).clamp_min(1e-12)
     clusters = groups or count + 2
     labels, _ = min((_kmeans(rows, clusters, seed=seed) for seed in range(restarts)), key=lambda item: item[1])
-    labels = labels.reshape(height, width).flatten()
     border = torch.zeros(height, width, dtype=torch.bool)
     border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
+    border = border.flatten()  # labels are flat, one per self-attention row
     group_ids = range(int(labels.max()) + 1)
-    background_group = max(group_ids, key=lambda j: int(((labels == j) & border.flatten()).sum()))
+    background_group = max(group_ids, key=lambda j: int(((labels == j) & border).sum()))
     flat = token_maps.float().flatten(1)
     # How much more each token attends to a group than to the image on average: a ratio to the token's own mean,
     # so that a token whose attention is weak everywhere can still win the group it attends to most.
@@ -357,20 +357,6 @@ def attention_masks(
             owner[labels == j] = token
     masks = torch.stack([owner == token for token in range(count)]).reshape(count, height, width)
     return drop_small_pieces(masks, min_piece)
-
-
-def drop_small_pieces(masks: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``[N, h, w]`` boolean masks without the 4-connected pieces smaller than ``fraction`` of each mask's largest."""
-    if fraction <= 0:
-        return masks
-    kept = np.zeros(masks.shape, dtype=bool)
-    for index, mask in enumerate(masks.bool().cpu().numpy()):
-        pieces = connected_components(mask)
-        largest = max((len(piece) for piece in pieces), default=0)
-        for piece in pieces:
-            if len(piece) >= fraction * largest:
-                kept[index, piece[:, 0], piece[:, 1]] = True
-    return torch.from_numpy(kept).to(masks.device)
 
 
 def mask_ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:

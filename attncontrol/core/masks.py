@@ -265,3 +265,17 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
                     queue.append((ny, nx))
         found.append(np.array(pixels))
     return found
+
+
+def drop_small_pieces(masks: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[N, h, w]`` boolean masks without the 4-connected pieces smaller than ``fraction`` of each mask's largest."""
+    if fraction <= 0:
+        return masks
+    kept = np.zeros(masks.shape, dtype=bool)
+    for index, mask in enumerate(masks.bool().cpu().numpy()):
+        pieces = connected_components(mask)
+        largest = max((len(piece) for piece in pieces), default=0)
+        for piece in pieces:
+            if len(piece) >= fraction * largest:
+                kept[index, piece[:, 0], piece[:, 1]] = True
+    return torch.from_numpy(kept).to(masks.device)

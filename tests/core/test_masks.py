@@ -89,3 +89,20 @@ def test_spatial_mask_caches_each_grid_once():
     assert first is mask.at((8, 12))
     assert first.shape == (96,)
     assert mask.at((4, 6)) is not first
+
+
+def test_drop_small_pieces_keeps_pieces_near_the_largest():
+    from attncontrol.core.masks import connected_components, drop_small_pieces
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :2, :5] = True  # 10 cells
+    masks[0, 5, 5:8] = True  # 3 cells: 0.3 of the largest
+    masks[0, 7, 0] = True  # 1 cell, touching nothing (4-connectivity)
+    masks[1, 6:8, 6:8] = True
+    assert len(connected_components(masks[0].numpy())) == 3
+    kept = drop_small_pieces(masks, 0.25)
+    expected = masks.clone()
+    expected[0, 7, 0] = False
+    assert torch.equal(kept, expected)
+    assert torch.equal(drop_small_pieces(masks, 0.5)[0], masks[0] & (torch.arange(8) < 2)[:, None])
+    assert torch.equal(drop_small_pieces(masks, 0.0), masks)
