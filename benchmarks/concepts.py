@@ -10,6 +10,7 @@ images under ``--out``.
 
 Run: python benchmarks/concepts.py [--scenes 6] [--samples 16] [--methods user-masks attention-masks ...]
      [--phase1-steps 400 --phase2-steps 400] [--set lora_rank=8 ...] [--tag NAME] [--json report.json]
+     python benchmarks/concepts.py --recipe guided-embeddings --caption-words   # the settings measured best
      python benchmarks/concepts.py --merge a.json b.json --json benchmarks/results/concepts-shapes-sd-cpu.json
 """
 
@@ -36,7 +37,7 @@ from attncontrol.shapes.concept_bench import (
     concept_scenes,
     run_concept_case,
 )
-from attncontrol.training.concepts import Config
+from attncontrol.training.concepts import RECIPES, Config, recipe_config
 
 
 def _override(config: Config, items: list[str]) -> Config:
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-sd")
     parser.add_argument("--phase1-steps", type=int, default=None)
     parser.add_argument("--phase2-steps", type=int, default=None)
+    parser.add_argument(
+        "--recipe", default="break-a-scene", choices=list(RECIPES), help="named training settings, under --set"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="other training options, key=value (lists: a,b,c)")
     parser.add_argument(
         "--caption-words",
@@ -87,7 +91,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    base = Config(model=args.model, validation_seeds=0, checkpoint_every=10_000)
+    base = recipe_config(args.recipe, model=args.model, validation_seeds=0, checkpoint_every=10_000)
     if args.phase1_steps is not None:
         base = replace(base, phase1_steps=args.phase1_steps)
     if args.phase2_steps is not None:
@@ -113,6 +117,7 @@ def main() -> None:
     header = (
         f"Concept bench on {args.model}: {len(scenes)} two-object scenes x 2 tokens x {args.samples} samples "
         f"({args.steps} sampling steps); training {base.phase1_steps} + {base.phase2_steps} steps"
+        + (f", recipe {args.recipe}" if args.recipe != "break-a-scene" else "")
         + (f", {' '.join(args.set)}" if args.set else "")
         + f"; {platform.machine()} CPU, {torch.get_num_threads()} threads"
     )

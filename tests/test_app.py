@@ -142,7 +142,7 @@ def test_concept_handlers_train_then_generate_with_the_tokens(state):
             state, "shapes-sd", {"background": np.asarray(image), "layers": []}, "", "painted", 2, 2, 0
         )
     folder, validation, shown_masks = handlers.train_concepts(
-        state, "shapes-sd", editor, "square, circle", "painted", 2, 2, 0
+        state, "shapes-sd", editor, "square, circle", "painted", 2, 2, 0, "Break-A-Scene"
     )
     assert validation is not None and [caption for _, caption in shown_masks] == [
         "<asset0> (painted)",
@@ -160,6 +160,27 @@ def test_concept_handlers_train_then_generate_with_the_tokens(state):
 
     again = run_job(Job.from_dict(job), state.pipelines).image
     assert np.array_equal(np.asarray(again), np.asarray(first))
+
+
+def test_concept_recipe_choice_reaches_the_trainer(state, monkeypatch):
+    from attncontrol.shapes.concept_bench import caption_words
+    from attncontrol.training import concepts as trainer
+
+    image, masks = handlers.sample_scene_masks(0)
+    editor = {"background": np.asarray(image), "layers": [layer(mask) for mask in masks]}
+    seen = []
+    monkeypatch.setattr(trainer, "train_concepts", lambda config, resume=False: seen.append(config))
+    with pytest.raises(UserInputError, match="Recipe must be one of"):
+        handlers.train_concepts(state, "shapes-sd", editor, "square, circle", "painted", 2, 0, 0, "fast")
+    handlers.train_concepts(state, "shapes-sd", editor, "square, circle", "painted", 300, 0, 0)  # the app's default
+    handlers.train_concepts(state, "shapes-sd", editor, "square, circle", "painted", 300, 50, 0, "Break-A-Scene")
+    guided, paper = seen
+    assert (guided.loss_guidance, guided.num_vectors, guided.init_search, guided.sampling) == (5.0, 2, 32, "attencraft")
+    assert guided.init_words == caption_words()  # on the shapes model the search picks from its captions' words
+    assert (guided.phase1_steps, guided.phase2_steps) == (300, 0)  # the sliders win over the recipe's steps
+    assert (paper.loss_guidance, paper.num_vectors, paper.init_search, paper.sampling) == (0.0, 1, 0, "union")
+    assert (paper.phase2_steps, paper.init_words) == (50, [])
+    assert handlers.RECIPE_STEPS.keys() == handlers.RECIPE_CHOICES.keys()
 
 
 def test_working_size_keeps_aspect_on_the_models_side(state):

@@ -296,6 +296,10 @@ def offset_to(editor: dict | None, point: tuple[float, float]) -> tuple[int, int
 #: concepts the concept tab offers (one editor layer each)
 MAX_CONCEPTS = 4
 MASK_CHOICES = {"painted": "user", "from attention": "attention", "painted, refined by attention": "both"}
+#: the app's names for :data:`attncontrol.training.concepts.RECIPES` and the steps each sets on the sliders
+RECIPE_CHOICES = {"Break-A-Scene": "break-a-scene", "guided embeddings (best on the shapes model)": "guided-embeddings"}
+RECIPE_STEPS = {"Break-A-Scene": (400, 400), "guided embeddings (best on the shapes model)": (400, 0)}
+RECIPE_DEFAULT = "guided embeddings (best on the shapes model)"  # the shapes model is the app's default
 
 
 def _square(image: Image.Image, side: int) -> Image.Image:
@@ -314,20 +318,24 @@ def train_concepts(
     phase1_steps: float,
     phase2_steps: float,
     seed: float,
+    recipe: str = RECIPE_DEFAULT,
 ) -> tuple[str, Image.Image | None, list[tuple[Image.Image, str]]]:
     """Learn one token per painted layer (or per initializer word, with masks from attention) from the image.
 
-    Returns the run folder (what :func:`generate_concepts` takes), the last validation picture and the masks used.
+    ``recipe`` is a :data:`RECIPE_CHOICES` label; the step sliders win over its step counts. Returns the run folder
+    (what :func:`generate_concepts` takes), the last validation picture and the masks used.
     """
     from attncontrol.concepts import default_tokens, latest_mask_images
     from attncontrol.models import default_model
-    from attncontrol.training.concepts import Config
+    from attncontrol.training.concepts import RECIPES, recipe_config
     from attncontrol.training.concepts import train_concepts as run_training
 
     image = _background(editor, "Image")
     words = [word.strip() for word in (initializers or "").split(",") if word.strip()]
     if mask_choice not in MASK_CHOICES:
         raise UserInputError(f"Masks must be one of {list(MASK_CHOICES)}, got {mask_choice!r}")
+    if recipe not in RECIPE_CHOICES:
+        raise UserInputError(f"Recipe must be one of {list(RECIPE_CHOICES)}, got {recipe!r}")
     source = MASK_CHOICES[mask_choice]
     painted = [mask for mask in layer_masks(editor)[:MAX_CONCEPTS] if mask.any()]
     if source != "attention" and not painted:
@@ -347,9 +355,16 @@ def train_concepts(
         for i, mask in enumerate(painted)
     ]
     out = state.output_dir / "concepts" / stem
-    config = Config(
+    model = model or default_model()
+    search_words: list[str] = []
+    if RECIPES[RECIPE_CHOICES[recipe]].get("init_search") and model == "shapes-sd":
+        from attncontrol.shapes.concept_bench import caption_words
+
+        search_words = caption_words()  # what the bench measured: the words the shapes model was trained on
+    config = recipe_config(
+        RECIPE_CHOICES[recipe],
         out=str(out),
-        model=model or default_model(),
+        model=model,
         image=image_path,
         masks=[] if source == "attention" else mask_paths,
         mask_source=source,
@@ -359,6 +374,7 @@ def train_concepts(
         phase1_steps=int(phase1_steps),
         phase2_steps=int(phase2_steps),
         seed=int(seed),
+        init_words=search_words,
         validation_seeds=1,
     )
     with state.pipelines.lock:  # one heavy job at a time on this machine

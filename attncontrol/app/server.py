@@ -124,10 +124,11 @@ def build_app(
         phase1,
         phase2,
         seed,
+        recipe,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
         folder, validation, masks = handlers.train_concepts(
-            state, model_name, editor, initializers, mask_choice, phase1, phase2, seed
+            state, model_name, editor, initializers, mask_choice, phase1, phase2, seed, recipe
         )
         tokens = [caption.split(" ")[0] for _, caption in masks]
         hint = f"a photo of {tokens[0]}" if tokens else ""
@@ -332,9 +333,20 @@ def build_app(
                     mask_choice = gr.Radio(
                         list(handlers.MASK_CHOICES), value="painted", label="Masks", elem_id="concepts-masks"
                     )
+                    recipe = gr.Radio(
+                        list(handlers.RECIPE_CHOICES),
+                        value=handlers.RECIPE_DEFAULT,
+                        label="Recipe (docs/concepts.md: the guided one was measured best on the shapes model)",
+                        elem_id="concepts-recipe",
+                    )
                     with gr.Accordion("Advanced", open=False):
-                        phase1 = gr.Slider(0, 2000, value=400, step=10, label="Phase 1 steps (token embeddings)")
-                        phase2 = gr.Slider(0, 2000, value=400, step=10, label="Phase 2 steps (LoRA + embeddings)")
+                        phase1_default, phase2_default = handlers.RECIPE_STEPS[handlers.RECIPE_DEFAULT]
+                        phase1 = gr.Slider(
+                            0, 2000, value=phase1_default, step=10, label="Phase 1 steps (token embeddings)"
+                        )
+                        phase2 = gr.Slider(
+                            0, 2000, value=phase2_default, step=10, label="Phase 2 steps (LoRA + embeddings)"
+                        )
                     train_button = gr.Button("Train", variant="primary", elem_id="concepts-train")
                 with gr.Column():
                     run_folder = gr.Textbox(label="Training run (folder)", elem_id="concepts-run")
@@ -348,9 +360,10 @@ def build_app(
                         concept_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance scale")
                         concept_negative = gr.Textbox(label="Negative prompt")
             sample_concepts_button.click(sample_concepts, None, concept_editor, concurrency_limit=None)
+            recipe.change(lambda name: handlers.RECIPE_STEPS[name], recipe, [phase1, phase2], concurrency_limit=None)
             train_button.click(
                 _friendly(run_train_concepts),
-                [model_box, concept_editor, initializers, mask_choice, phase1, phase2, seed_box],
+                [model_box, concept_editor, initializers, mask_choice, phase1, phase2, seed_box, recipe],
                 [run_folder, validation, concept_masks, concept_prompt],
                 api_name="train_concepts",
             )

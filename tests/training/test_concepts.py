@@ -23,7 +23,7 @@ from attncontrol.concepts import (
 )
 from attncontrol.core.errors import ConceptError
 from attncontrol.shapes.scenes import ObjectSpec, render
-from attncontrol.training.concepts import Config, check_config, train_concepts
+from attncontrol.training.concepts import Config, check_config, recipe_config, train_concepts
 
 
 def _blobs(size: int = 16) -> torch.Tensor:
@@ -564,3 +564,22 @@ def test_latest_mask_images_are_the_last_saved_set(tmp_path):
     for step in (0, 20, 100):
         save_mask_images(masks, ["<asset0>", "<asset1>"], tmp_path, (16, 16), f"step-{step:05d}")
     assert [p.name for p in latest_mask_images(tmp_path)] == ["step-00100-asset0.png", "step-00100-asset1.png"]
+
+
+def test_recipe_sets_the_defaults_and_explicit_flags_win(monkeypatch):
+    from attncontrol.training import concepts as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "train_concepts", lambda config, resume=False: seen.append(config))
+    trainer.main(["--image", "x.png", "--recipe", "guided-embeddings", "--num-vectors", "3"])
+    trainer.main(["--image", "x.png"])
+    guided, paper = seen
+    assert (guided.loss_guidance, guided.phase2_steps, guided.sampling) == (5.0, 0, "attencraft")
+    assert guided.init_search == 32
+    assert guided.num_vectors == 3  # the explicit flag, not the recipe's 2
+    assert recipe_config("guided-embeddings", image="x.png") == replace(guided, num_vectors=2)
+    assert paper == Config(image="x.png") == recipe_config("break-a-scene", image="x.png")
+    with pytest.raises(ConceptError, match="--recipe"):
+        recipe_config("fast")
+    with pytest.raises(SystemExit):
+        trainer.main(["--image", "x.png", "--recipe", "fast"])
