@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attncontrol.core.errors import ConceptError
-from attncontrol.core.masks import MaskLike, drop_small_pieces, load_mask, resize_to_grid
+from attncontrol.core.masks import MaskLike, connected_components, dilate, drop_small_pieces, load_mask, resize_to_grid
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,9 @@ def attention_masks(
             that k-means would have split in two (a large circle's rim and inside) no longer takes the group of a
             small second object; after the one-group-per-token assignment every further group that is not the
             background goes to the token with the highest ratio there, if that ratio is above 1, and stays
-            background otherwise.
+            background otherwise; but a piece of such a group that borders only one token's own group (not the
+            one it went to) goes to that token: on the shapes model a square's edge can cluster apart from its inside
+            and be attended to more by the other object's token.
         min_piece: drop each mask's 4-connected pieces smaller than this fraction of its largest piece (0: keep
             all): a group of the other object's rim, or a speck, that went to the wrong token.
 
@@ -349,12 +351,20 @@ def attention_masks(
     chosen = _best_assignment(score)
     for token, group in enumerate(chosen):
         owner[labels == group] = token
+    grid = labels.reshape(height, width)
+    bodies = [dilate((grid == group).float(), 1).bool().flatten() for group in chosen]  # each token's group + 1 cell
     for j in group_ids:  # the further groups of an over-segmentation (``groups`` > N + 1)
         if j in chosen or not torch.isfinite(score[0, j]):
             continue
         token = int(score[:, j].argmax())
-        if score[token, j] > 1:
-            owner[labels == j] = token
+        if score[token, j] <= 1:
+            continue
+        for piece in connected_components((grid == j).numpy()):
+            cells = torch.from_numpy(piece[:, 0] * width + piece[:, 1])
+            touched = [k for k, body in enumerate(bodies) if bool(body[cells].any())]
+            # a piece that borders only another token's object is that object's edge (a square's rim), however
+            # little either token attends to it
+            owner[cells] = touched[0] if len(touched) == 1 else token
     masks = torch.stack([owner == token for token in range(count)]).reshape(count, height, width)
     return drop_small_pieces(masks, min_piece)
 

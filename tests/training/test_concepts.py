@@ -140,6 +140,27 @@ def test_attention_masks_more_groups_keep_a_split_object_whole():
     assert torch.equal(found[1], disc) and torch.equal(found[0], square)
 
 
+def test_attention_masks_give_an_edge_to_the_object_it_borders():
+    """Self-attention with four regions: object 0, object 1's inside, object 1's top and left edge (an L) and the
+    background. Token 0 attends to the L more than token 1 does (as on the shapes model, where a yellow circle's
+    token took a green square's edge), so the ratio rule alone gives the L to token 0; it borders only object 1."""
+    size = 16
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    first = (ys >= 1) & (ys <= 4) & (xs >= 1) & (xs <= 4)
+    edge = ((ys == 6) & (xs >= 8) & (xs <= 14)) | ((xs == 8) & (ys >= 6) & (ys <= 12))
+    inside = (ys >= 7) & (ys <= 12) & (xs >= 9) & (xs <= 14)
+    regions = torch.zeros(size, size, dtype=torch.long)
+    regions[first], regions[inside], regions[edge] = 1, 2, 3
+    labels = regions.flatten()
+    affinity = (labels[:, None] == labels[None, :]).float()
+    affinity = affinity / affinity.sum(-1, keepdim=True)
+    cross = torch.stack([0.05 + first.float() + 0.5 * edge.float(), 0.05 + inside.float()])
+    ratios = [float(c[edge].mean() / c.mean()) for c in cross]
+    assert ratios[0] > 1 > ratios[1]  # what made the ratio rule give the edge to token 0
+    found = attention_masks(cross, affinity)
+    assert torch.equal(found[0], first) and torch.equal(found[1], inside | edge)
+
+
 def test_mask_ssim_prefers_similar_masks():
     masks = _blobs()
     assert mask_ssim(masks[0], masks[0]) == pytest.approx(1.0, abs=1e-6)
