@@ -180,7 +180,7 @@ def test_concept_recipe_choice_reaches_the_trainer(state, monkeypatch):
     assert (guided.phase1_steps, guided.phase2_steps) == (300, 0)  # the sliders win over the recipe's steps
     assert (paper.loss_guidance, paper.num_vectors, paper.init_search, paper.sampling) == (0.0, 1, 0, "union")
     assert (paper.phase2_steps, paper.init_words) == (50, [])
-    assert handlers.RECIPE_STEPS.keys() == handlers.RECIPE_CHOICES.keys()
+    assert [handlers.recipe_steps(label) for label in handlers.RECIPE_CHOICES] == [(400, 400), (400, 0)]
 
 
 def test_working_size_keeps_aspect_on_the_models_side(state):

@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,10 +296,17 @@ def offset_to(editor: dict | None, point: tuple[float, float]) -> tuple[int, int
 #: concepts the concept tab offers (one editor layer each)
 MAX_CONCEPTS = 4
 MASK_CHOICES = {"painted": "user", "from attention": "attention", "painted, refined by attention": "both"}
-#: the app's names for :data:`attncontrol.training.concepts.RECIPES` and the steps each sets on the sliders
+#: the app's names for :data:`attncontrol.training.concepts.RECIPES`
 RECIPE_CHOICES = {"Break-A-Scene": "break-a-scene", "guided embeddings (best on the shapes model)": "guided-embeddings"}
-RECIPE_STEPS = {"Break-A-Scene": (400, 400), "guided embeddings (best on the shapes model)": (400, 0)}
 RECIPE_DEFAULT = "guided embeddings (best on the shapes model)"  # the shapes model is the app's default
+
+
+def recipe_steps(recipe: str) -> tuple[int, int]:
+    """The phase-1 and phase-2 steps a :data:`RECIPE_CHOICES` label trains, for the sliders to show."""
+    from attncontrol.training.concepts import recipe_config
+
+    config = recipe_config(RECIPE_CHOICES[recipe])
+    return config.phase1_steps, config.phase2_steps
 
 
 def _square(image: Image.Image, side: int) -> Image.Image:
@@ -326,8 +333,8 @@ def train_concepts(
     (what :func:`generate_concepts` takes), the last validation picture and the masks used.
     """
     from attncontrol.concepts import default_tokens, latest_mask_images
-    from attncontrol.models import default_model
-    from attncontrol.training.concepts import RECIPES, recipe_config
+    from attncontrol.models import SHIPPED_MODELS, default_model
+    from attncontrol.training.concepts import recipe_config
     from attncontrol.training.concepts import train_concepts as run_training
 
     image = _background(editor, "Image")
@@ -355,16 +362,10 @@ def train_concepts(
         for i, mask in enumerate(painted)
     ]
     out = state.output_dir / "concepts" / stem
-    model = model or default_model()
-    search_words: list[str] = []
-    if RECIPES[RECIPE_CHOICES[recipe]].get("init_search") and model == "shapes-sd":
-        from attncontrol.shapes.concept_bench import caption_words
-
-        search_words = caption_words()  # what the bench measured: the words the shapes model was trained on
     config = recipe_config(
         RECIPE_CHOICES[recipe],
         out=str(out),
-        model=model,
+        model=model or default_model(),
         image=image_path,
         masks=[] if source == "attention" else mask_paths,
         mask_source=source,
@@ -374,9 +375,13 @@ def train_concepts(
         phase1_steps=int(phase1_steps),
         phase2_steps=int(phase2_steps),
         seed=int(seed),
-        init_words=search_words,
         validation_seeds=1,
     )
+    if config.init_search and config.model in SHIPPED_MODELS:
+        from attncontrol.shapes.concept_bench import caption_words
+
+        # what the bench measured: the search picks from the words the shapes models were trained on
+        config = replace(config, init_words=caption_words())
     with state.pipelines.lock:  # one heavy job at a time on this machine
         try:
             run_training(config)

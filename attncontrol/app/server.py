@@ -340,7 +340,7 @@ def build_app(
                         elem_id="concepts-recipe",
                     )
                     with gr.Accordion("Advanced", open=False):
-                        phase1_default, phase2_default = handlers.RECIPE_STEPS[handlers.RECIPE_DEFAULT]
+                        phase1_default, phase2_default = handlers.recipe_steps(handlers.RECIPE_DEFAULT)
                         phase1 = gr.Slider(
                             0, 2000, value=phase1_default, step=10, label="Phase 1 steps (token embeddings)"
                         )
@@ -360,7 +360,7 @@ def build_app(
                         concept_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance scale")
                         concept_negative = gr.Textbox(label="Negative prompt")
             sample_concepts_button.click(sample_concepts, None, concept_editor, concurrency_limit=None)
-            recipe.change(lambda name: handlers.RECIPE_STEPS[name], recipe, [phase1, phase2], concurrency_limit=None)
+            recipe.change(handlers.recipe_steps, recipe, [phase1, phase2], concurrency_limit=None)
             train_button.click(
                 _friendly(run_train_concepts),
                 [model_box, concept_editor, initializers, mask_choice, phase1, phase2, seed_box, recipe],
