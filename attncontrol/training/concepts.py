@@ -417,6 +417,11 @@ class ConceptTrainer:
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.pipe = load_pipeline(config.model)
+        if getattr(self.pipe, "unet", None) is None:
+            raise ConceptError(
+                f"`--model` {config.model!r} is a {type(self.pipe).__name__}: concept training works on UNet "
+                "pipelines (SD 1.x/2.x, SDXL)"
+            )
         self.pipe.set_progress_bar_config(disable=True)
         side = config.resolution
         self.size = (side, side) if side else default_image_size(self.pipe)

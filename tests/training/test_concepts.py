@@ -239,6 +239,8 @@ def test_bad_inputs_fail_before_training(tmp_path):
         check_config(Config(image=str(image)))
     with pytest.raises(ConceptError, match="--template"):
         check_config(Config(image=str(image), masks=masks, template="a photo"))
+    with pytest.raises(ConceptError, match="`--model` 'tiny-flux' is a FluxPipeline"):
+        train_concepts(Config(model="tiny-flux", image=str(image), masks=masks, out=str(tmp_path / "flux")))
     for name, value in (
         ("loss_guidance", -1.0),
         ("loss_guidance", float("nan")),
