@@ -9,7 +9,10 @@ Rectified flow on packed latents, as Flux is trained: ``x_t = (1 - t) x_0 + t no
 There is no guidance distillation, so the model is trained with 10% empty captions and sampled with true CFG:
 ``pipe(prompt, negative_prompt="", true_cfg_scale=5.0, max_sequence_length=32)`` (the bench does this for you).
 
-The autoencoder is the shapes-world one: reuse a trained one with ``--vae`` or let this script train it.
+With ``--teacher shapes-sd`` the targets are the shipped SD-architecture model's predictions, mapped onto flow
+times (:mod:`attncontrol.training.flow_teacher`), and the student takes over its autoencoder and CLIP text encoder.
+Without a teacher the autoencoder is the shapes-world one: reuse a trained one with ``--vae`` or let this script
+train it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from attncontrol.training.common import (
     training_controller,
     warmup_cosine,
 )
+from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
 from attncontrol.training.shapes_text import (
     TEXT_HIDDEN,
@@ -83,6 +87,12 @@ class Config(ShapesTrainingConfig):
     # Extra loss weight on image tokens covered by objects (0: plain MSE). Colours close to the background in latent
     # space (red, yellow on white) cost a plain MSE little; this makes getting the objects right count more.
     object_weight: float = 0.0
+    # A trained SD-architecture pipeline (path or shipped name) whose predictions are the velocity targets
+    # (attncontrol.training.flow_teacher); its autoencoder and CLIP text encoder are taken over too. "" trains from
+    # the data alone.
+    teacher: str = ""
+    # Share of the target that comes from the teacher (the rest is the data's ``noise - x0``).
+    teacher_weight: float = 1.0
 
 
 def build_text_encoders(config: Config):
@@ -178,6 +188,13 @@ def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
     raise ValueError(f"`timestep_sampling` must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
+def unpack(packed: torch.Tensor, grid: int) -> torch.Tensor:
+    """The inverse of :func:`pack`: ``[B, grid * grid, 4C]`` -> ``[B, C, 2 grid, 2 grid]``."""
+    batch, _, channels = packed.shape
+    latents = packed.view(batch, grid, grid, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels // 4, 2 * grid, 2 * grid)
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H/2 * W/2, 4C], the FluxPipeline layout."""
     batch, channels, height, width = latents.shape
@@ -202,10 +219,16 @@ def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[t
     return t5(t5_ids.to(device))[0], pooled
 
 
-def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, resume: bool) -> dict:
+def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | None, resume: bool) -> dict:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(vae_path)
+    teacher = None
+    if config.teacher:
+        # The student lives in the teacher's latent space: its autoencoder and scaling, no shift.
+        teacher = FlowTeacher.from_pretrained(config.teacher)
+        vae = copy.deepcopy(teacher.vae)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_path)
     sample_timesteps(config.timestep_sampling, 1, "cpu")  # a bad setting fails before the pool is encoded
     # Token grid of the packed latents: the autoencoder's factor, then Flux's 2x2 packing.
     grid = latent_grid(vae) // 2
@@ -218,15 +241,20 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
         vae, config.pool_size, config.seed + 1, config.pool_count_weights, per_scene=per_scene
     )
     coverage = torch.stack(extras.pop("coverage")) if "coverage" in extras else None
-    shift, scaling = float(latents.mean()), float(1.0 / latents.std())
+    if teacher is None:
+        shift, scaling = float(latents.mean()), float(1.0 / latents.std())
+    else:
+        shift, scaling = 0.0, teacher.scaling_factor
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     packed = pack((latents - shift) * scaling)
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
 
     torch.manual_seed(config.seed)
     clip, t5 = build_text_encoders(config)
-    transformer = build_transformer(config, vae.config.latent_channels)
     clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
+    if teacher is not None:  # the teacher's text encoder already tells its objects apart: a head start for the pool
+        clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
+    transformer = build_transformer(config, vae.config.latent_channels)
     t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)
     grounding = None
     if "objects" in extras:  # Flux's per-token text is T5's: its keys are the ones grounded
@@ -269,6 +297,11 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
             noise = torch.randn_like(x0)
             t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
             noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            target = noise - x0
+            if teacher is not None:
+                taught, inside = teacher.velocity(unpack(noisy, grid), t, texts)
+                share = config.teacher_weight * inside.float()[:, None, None]
+                target = share * pack(taught) + (1 - share) * target
             with autocast(config.mixed_precision, x0.device):
                 prediction = transformer(
                     hidden_states=noisy,
@@ -280,9 +313,9 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path, re
                     return_dict=False,
                 )[0]
             if coverage is None:
-                loss = F.mse_loss(prediction.float(), (noise - x0).float())
+                loss = F.mse_loss(prediction.float(), target.float())
             else:
-                error = (prediction.float() - (noise - x0).float()).pow(2).mean(dim=-1)
+                error = (prediction.float() - target.float()).pow(2).mean(dim=-1)
                 weight = 1.0 + config.object_weight * coverage[index].to(error.device)
                 loss = (weight * error).sum() / weight.sum()
             flow, term = loss.item(), None
@@ -352,7 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(config.seed)
     accelerator = Accelerator()
     started = time.perf_counter()
-    if config.vae:
+    if not 0.0 <= config.teacher_weight <= 1.0:
+        raise ValueError(f"`--teacher-weight` must be between 0 and 1, got {config.teacher_weight}")
+    if config.teacher:
+        if config.vae:
+            raise ValueError("`--vae` and `--teacher` exclude each other: the student uses the teacher's autoencoder")
+        vae_path = None
+    elif config.vae:
         vae_path = Path(config.vae)
         if not (vae_path / "config.json").exists():
             raise FileNotFoundError(f"`--vae` {vae_path} is not a saved AutoencoderKL folder")

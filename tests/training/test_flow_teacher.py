@@ -1,0 +1,117 @@
+"""The SD teacher of the Flux-architecture shapes model: schedule mapping, velocity conversion, text encoder cut."""
+
+import pytest
+import torch
+
+from attncontrol.models import SHIPPED_MODELS
+from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return FlowTeacher.from_pretrained("shapes-sd")
+
+
+def flow_time(teacher: FlowTeacher, timestep: int) -> torch.Tensor:
+    """The flow time whose signal-to-noise ratio is the teacher's at ``timestep``."""
+    alphas = torch.cumprod(1.0 - teacher_betas(teacher), dim=0)
+    ratio = (alphas[timestep] / (1 - alphas[timestep])).sqrt()
+    return (1 / (1 + ratio)).float()[None]
+
+
+def teacher_betas(teacher: FlowTeacher) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(SHIPPED_MODELS["shapes-sd"], subfolder="scheduler").betas.double()
+
+
+def test_flow_times_map_onto_the_teachers_timesteps(teacher):
+    for timestep in (0, 1, 37, 250, 500, 998):
+        mapped, inside = teacher.timesteps(flow_time(teacher, timestep))
+        assert mapped.item() == pytest.approx(timestep, abs=1e-3) and inside.item()
+    # Noisier than the teacher's last step: clamped there and flagged, so the caller falls back to the data.
+    mapped, inside = teacher.timesteps(torch.tensor([0.99, 0.5]))
+    assert mapped[0].item() == pytest.approx(999) and inside.tolist() == [False, True]
+
+
+class Oracle(torch.nn.Module):
+    """A UNet that knows the clean latent and the noise: solves sample = alpha x0 + sigma eps for (alpha, sigma)
+    and returns the exact v (or epsilon) prediction, so the teacher's conversion must give exactly eps - x0."""
+
+    def __init__(self, x0, eps, prediction_type):
+        super().__init__()
+        self.x0, self.eps, self.prediction_type = x0, eps, prediction_type
+
+    def forward(self, sample, timesteps, states):
+        from types import SimpleNamespace
+
+        outputs = []
+        for row in range(len(sample)):
+            basis = torch.stack([self.x0[row].flatten(), self.eps[row].flatten()], dim=1).double()
+            alpha, sigma = torch.linalg.lstsq(basis, sample[row].flatten().double()[:, None]).solution.flatten()
+            if self.prediction_type == "v_prediction":
+                outputs.append(alpha * self.eps[row] - sigma * self.x0[row])
+            else:
+                outputs.append(self.eps[row])
+        return SimpleNamespace(sample=torch.stack(outputs).float())
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_teacher_velocity_is_the_flow_velocity_for_an_exact_unet(teacher, prediction_type, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    monkeypatch.setattr(teacher, "unet", Oracle(x0, eps, prediction_type))
+    monkeypatch.setattr(teacher, "prediction_type", prediction_type)
+    velocity, inside = teacher.velocity(noisy, t, ["a red circle"] * 3)
+    assert inside.all()
+    torch.testing.assert_close(velocity, eps - x0, atol=1e-4, rtol=1e-4)
+
+
+def test_trained_teacher_recovers_the_clean_latent_at_low_noise(teacher):
+    from attncontrol.training.shapes_vae import encode_pool
+
+    latents, captions, _ = encode_pool(teacher.vae, 8, seed=3, count_weights=(1, 0, 0))
+    x0 = latents * teacher.scaling_factor
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((8,), 0.3)
+    velocity, _ = teacher.velocity(0.7 * x0 + 0.3 * eps, t, captions)
+    estimate = 0.7 * x0 + 0.3 * eps - 0.3 * velocity
+    # A real model, not an oracle: its x0 error is a small share of the latent's variance (0.1% to 0.3% measured
+    # at t = 0.2 to 0.5).
+    assert (estimate - x0).pow(2).mean() < 0.02 * x0.var()
+
+
+def test_student_text_encoder_keeps_the_teachers_outputs(teacher):
+    from attncontrol.training.shapes_text import shapes_clip_tokenizer
+
+    student = student_text_encoder(teacher.text_encoder, vocab_size=16384, max_length=32)
+    assert student.config.vocab_size == 16384 and student.config.max_position_embeddings == 32
+    texts = ["a red circle", "a blue square on the left and a green triangle on the right", ""]
+    full = teacher.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    cut = shapes_clip_tokenizer(16384, 32)(texts, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, actual = teacher.text_encoder(full), student(cut)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state[:, :32])
+
+
+def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher):
+    from diffusers import FluxPipeline
+
+    from attncontrol.training import shapes_flux
+
+    out = tmp_path / "flux"
+    shapes_flux.main([
+        "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
+        "--probe-every", "1000", "--layers", "1", "--single-layers", "1",
+    ])  # fmt: skip
+    pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    # The student's latents are the teacher's: same autoencoder, same scaling, no shift.
+    assert pipe.vae.config.scaling_factor == pytest.approx(teacher.scaling_factor)
+    assert pipe.vae.config.shift_factor == 0.0
+    for name, weight in teacher.vae.state_dict().items():
+        torch.testing.assert_close(pipe.vae.state_dict()[name].float(), weight, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="--vae"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--vae", str(out / "pipeline/vae")])
