@@ -93,6 +93,9 @@ class Config(ShapesTrainingConfig):
     teacher: str = ""
     # Share of the target that comes from the teacher (the rest is the data's ``noise - x0``).
     teacher_weight: float = 1.0
+    # Train the CLIP text encoder (its pooled vector conditions every block). With a teacher it starts as the
+    # teacher's, which already tells the objects apart; --no-train-clip keeps it so.
+    train_clip: bool = True
 
 
 def build_text_encoders(config: Config):
@@ -260,8 +263,9 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     if "objects" in extras:  # Flux's per-token text is T5's: its keys are the ones grounded
         targets = grounding_targets(captions, extras.pop("objects"), t5_tok, grid)
         grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
+    clip.requires_grad_(config.train_clip)
     modules = [transformer, clip, t5]
-    params = [p for module in modules for p in module.parameters()]
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     emas = [copy.deepcopy(module).eval() for module in modules]
     step, history = 0, []

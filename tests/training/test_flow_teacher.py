@@ -105,7 +105,8 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
     out = tmp_path / "flux"
     shapes_flux.main([
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
-        "--probe-every", "1000", "--layers", "1", "--single-layers", "1",
+        "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip",
+        "--lr", "0.05", "--warmup", "0", "--no-adaln-zero",  # gradients reach a trained encoder at once
     ])  # fmt: skip
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     # The student's latents are the teacher's: same autoencoder, same scaling, no shift.
@@ -113,5 +114,11 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
     assert pipe.vae.config.shift_factor == 0.0
     for name, weight in teacher.vae.state_dict().items():
         torch.testing.assert_close(pipe.vae.state_dict()[name].float(), weight, atol=1e-3, rtol=1e-3)
+    # --no-train-clip: the exported CLIP encoder is still the teacher's, cut (fp16 weights: compared loosely).
+    cut = student_text_encoder(teacher.text_encoder, vocab_size=16384, max_length=32)
+    for name, weight in cut.state_dict().items():
+        torch.testing.assert_close(pipe.text_encoder.state_dict()[name].float(), weight, atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="--vae"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--vae", str(out / "pipeline/vae")])
+    with pytest.raises(ValueError, match="--teacher-weight"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--teacher-weight", "1.5"])
