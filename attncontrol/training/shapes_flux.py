@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
@@ -96,6 +95,10 @@ class Config(ShapesTrainingConfig):
     # Train the CLIP text encoder (its pooled vector conditions every block). With a teacher it starts as the
     # teacher's, which already tells the objects apart; --no-train-clip keeps it so.
     train_clip: bool = True
+    # "velocity": plain flow-matching MSE. "x0": each row weighted by t^2 (normalised to mean 1), i.e. the error of
+    # the clean latent the velocity implies, x0 = x_t - t v: the noisy end, where layout and colour are decided,
+    # counts more than predicting the noise at the clean end.
+    loss_weighting: str = "velocity"
 
 
 def build_text_encoders(config: Config):
@@ -189,6 +192,25 @@ def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
     if kind == "logit-normal":
         return torch.sigmoid(torch.randn(count, device=device))
     raise ValueError(f"`timestep_sampling` must be 'uniform' or 'logit-normal', got {kind!r}")
+
+
+def flow_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    weighting: str = "velocity",
+    token_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted mean squared velocity error over packed tokens ``[B, N, C]``, normalised by the mean weight.
+
+    ``"x0"`` weights each row by ``t^2``: since ``x0 = x_t - t v``, that is the error of the implied clean latent.
+    ``token_weight`` ``[B, N]`` multiplies in (``--object-weight``).
+    """
+    error = (prediction.float() - target.float()).pow(2).mean(dim=-1)
+    weight = torch.ones_like(error) if token_weight is None else token_weight.to(error)
+    if weighting == "x0":
+        weight = weight * (t.float() ** 2)[:, None]
+    return (weight * error).mean() / weight.mean()
 
 
 def unpack(packed: torch.Tensor, grid: int) -> torch.Tensor:
@@ -316,12 +338,10 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                     img_ids=ids,
                     return_dict=False,
                 )[0]
-            if coverage is None:
-                loss = F.mse_loss(prediction.float(), target.float())
-            else:
-                error = (prediction.float() - target.float()).pow(2).mean(dim=-1)
-                weight = 1.0 + config.object_weight * coverage[index].to(error.device)
-                loss = (weight * error).sum() / weight.sum()
+            token_weight = None
+            if coverage is not None:
+                token_weight = 1.0 + config.object_weight * coverage[index].to(prediction.device)
+            loss = flow_loss(prediction, target, t, config.loss_weighting, token_weight)
             flow, term = loss.item(), None
             if grounding is not None and grounding.active:
                 term = grounding.loss(index, texts)
@@ -389,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(config.seed)
     accelerator = Accelerator()
     started = time.perf_counter()
+    if config.loss_weighting not in ("velocity", "x0"):
+        raise ValueError(f"`--loss-weighting` must be 'velocity' or 'x0', got {config.loss_weighting!r}")
     if not 0.0 <= config.teacher_weight <= 1.0:
         raise ValueError(f"`--teacher-weight` must be between 0 and 1, got {config.teacher_weight}")
     if config.teacher:

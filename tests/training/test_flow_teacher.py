@@ -107,6 +107,7 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
         "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip",
         "--lr", "0.05", "--warmup", "0", "--no-adaln-zero",  # gradients reach a trained encoder at once
+        "--loss-weighting", "x0",
     ])  # fmt: skip
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     # The student's latents are the teacher's: same autoencoder, same scaling, no shift.
@@ -120,5 +121,7 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
         torch.testing.assert_close(pipe.text_encoder.state_dict()[name].float(), weight, atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="--vae"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--vae", str(out / "pipeline/vae")])
+    with pytest.raises(ValueError, match="--loss-weighting"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--loss-weighting", "snr"])
     with pytest.raises(ValueError, match="--teacher-weight"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--teacher-weight", "1.5"])

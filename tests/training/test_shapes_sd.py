@@ -147,3 +147,22 @@ def test_pool_object_coverage_matches_the_pool_scenes():
         union = np.any([obj.mask for obj in scene.objects], axis=0)
         assert float(row.sum()) * 16 == pytest.approx(float(union.sum()))  # 4x4 pixels per cell
         assert float(row[0]) == pytest.approx(float(union[:4, :4].mean()))
+
+
+def test_flux_flow_loss_weightings():
+    import torch.nn.functional as F
+
+    from attncontrol.training.shapes_flux import flow_loss
+
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(4, 9, 16, generator=generator), torch.randn(4, 9, 16, generator=generator)
+    noisy, t = torch.randn(4, 9, 16, generator=generator), torch.tensor([0.1, 0.4, 0.7, 0.95])
+    torch.testing.assert_close(flow_loss(prediction, target, t), F.mse_loss(prediction, target))
+    # "x0": the error of x0 = x_t - t v, over the mean t^2.
+    x0_error = F.mse_loss(noisy - t[:, None, None] * prediction, noisy - t[:, None, None] * target)
+    torch.testing.assert_close(flow_loss(prediction, target, t, "x0") * (t**2).mean(), x0_error)
+    # Per-token weights: a token with weight 0 does not count.
+    weight = torch.ones(4, 9)
+    weight[:, 0] = 0
+    expected = F.mse_loss(prediction[:, 1:], target[:, 1:])
+    torch.testing.assert_close(flow_loss(prediction, target, t, token_weight=weight), expected)
