@@ -277,7 +277,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     torch.manual_seed(config.seed)
     clip, t5 = build_text_encoders(config)
     clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
-    if teacher is not None:  # the teacher's text encoder already tells its objects apart: a head start for the pool
+    if teacher is not None:  # the teacher's encoder already tells its objects apart: a head start for the pooled vector
         clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
     transformer = build_transformer(config, vae.config.latent_channels)
     t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)

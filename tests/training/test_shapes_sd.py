@@ -166,3 +166,10 @@ def test_flux_flow_loss_weightings():
     weight[:, 0] = 0
     expected = F.mse_loss(prediction[:, 1:], target[:, 1:])
     torch.testing.assert_close(flow_loss(prediction, target, t, token_weight=weight), expected)
+
+
+def test_flux_unpack_inverts_pack():
+    from attncontrol.training.shapes_flux import pack, unpack
+
+    latents = torch.randn(2, 4, 8, 8)
+    assert torch.equal(unpack(pack(latents), grid=4), latents)
