@@ -1,0 +1,138 @@
+"""How close is a distilled Flux shapes student to its SD teacher? Per flow time, on the same noisy latents.
+
+For single-object scenes of the shapes world (with their own captions) noised to flow time t, per t:
+- the student's velocity error against the teacher's (what ``--teacher`` training minimises);
+- the clean-latent error of each, ``x0 = x_t - t v`` against the scene's true latent;
+- the cosine between the student's and the teacher's guidance directions (conditional minus unconditional
+  velocity): true CFG amplifies that direction, so a student whose direction points elsewhere draws nothing even
+  when its loss is low (the 2026-12-06 attempts: cosine ~0.2 and blank samples).
+
+The student is an exported FluxPipeline folder or a training checkpoint (``checkpoint-flux.pt`` beside its run's
+``config.json``; its EMA weights are read).
+
+Run: python benchmarks/flux_teacher_agreement.py --student runs/shapes-flux/checkpoint-flux.pt [--teacher shapes-sd]
+     [--scenes 16] [--json benchmarks/results/flux-teacher-agreement-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _results import save_results
+
+from attncontrol.training import shapes_flux
+from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
+from attncontrol.training.shapes_vae import encode_pool
+
+TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
+
+
+def load_student(path: Path, teacher: FlowTeacher):
+    """(transformer, clip, t5, clip tokenizer, t5 tokenizer) of an exported pipeline or a training checkpoint."""
+    if path.suffix == ".pt":
+        fields = json.loads((path.parent / "config.json").read_text())
+        known = shapes_flux.Config.__dataclass_fields__
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
+        config = shapes_flux.Config(**values)
+        clip, t5 = shapes_flux.build_text_encoders(config)
+        if config.teacher:
+            clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
+        transformer = shapes_flux.build_transformer(config, teacher.vae.config.latent_channels)
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        for module, saved in zip((transformer, clip, t5), state["emas"], strict=True):
+            module.load_state_dict(saved)
+        tokenizers = (
+            shapes_flux.shapes_clip_tokenizer(config.vocab_size, config.max_length),
+            shapes_flux.shapes_t5_tokenizer(config.vocab_size, config.max_length),
+        )
+        return transformer, clip, t5, *tokenizers
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    return pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2
+
+
+@torch.no_grad()
+def agreement(student, teacher: FlowTeacher, scenes: int, seed: int = 0) -> list[dict]:
+    transformer, clip, t5, clip_tok, t5_tok = student
+    for module in (transformer, clip, t5):
+        module.float().eval()
+    latents, captions, _ = encode_pool(teacher.vae, scenes, seed + 99, (1, 0, 0))
+    x0 = latents * teacher.scaling_factor
+    grid = x0.shape[-1] // 2
+    cond = shapes_flux.encode_text(clip, t5, clip_tok, t5_tok, captions, "cpu")
+    uncond = shapes_flux.encode_text(clip, t5, clip_tok, t5_tok, [""] * scenes, "cpu")
+    image_ids = shapes_flux.image_ids(grid, grid)
+    text_ids = torch.zeros(t5_tok.model_max_length, 3)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for time in TIMES:
+        t = torch.full((scenes,), time)
+        noisy = (1 - time) * x0 + time * torch.randn(x0.shape, generator=generator)
+        packed = shapes_flux.pack(noisy)
+
+        def student_velocity(text, packed=packed, t=t):
+            sequence, pooled = text
+            return transformer(
+                hidden_states=packed,
+                timestep=t,
+                encoder_hidden_states=sequence,
+                pooled_projections=pooled,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+
+        student_cond, student_uncond = student_velocity(cond), student_velocity(uncond)
+        teacher_cond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), captions)[0])
+        teacher_uncond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), [""] * scenes)[0])
+        truth = shapes_flux.pack(x0)
+        cosine = F.cosine_similarity(
+            (student_cond - student_uncond).flatten(1), (teacher_cond - teacher_uncond).flatten(1)
+        ).mean()
+        rows.append({
+            "t": time,
+            "velocity_error": float((student_cond - teacher_cond).pow(2).mean()),
+            "student_x0_error": float((packed - time * student_cond - truth).pow(2).mean()),
+            "teacher_x0_error": float((packed - time * teacher_cond - truth).pow(2).mean()),
+            "guidance_cosine": float(cosine),
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", required=True, help="exported FluxPipeline folder or checkpoint-flux.pt")
+    parser.add_argument("--teacher", default="shapes-sd")
+    parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    teacher = FlowTeacher.from_pretrained(args.teacher)
+    rows = agreement(load_student(Path(args.student), teacher), teacher, args.scenes)
+    lines = [
+        f"Student `{args.student}` against teacher `{args.teacher}`, {args.scenes} single-object scenes",
+        "",
+        "| t | velocity error | student x0 error | teacher x0 error | guidance cosine |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['t']} | {r['velocity_error']:.4f} | {r['student_x0_error']:.4f} | {r['teacher_x0_error']:.4f} "
+            f"| {r['guidance_cosine']:.3f} |"
+            for r in rows
+        ),
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        device = f"CPU ({platform.machine()}), torch {torch.__version__}"
+        record = {"device": device, "student": args.student, "teacher": args.teacher, "rows": rows}
+        save_results(args.json, record, table)
+
+
+if __name__ == "__main__":
+    main()
