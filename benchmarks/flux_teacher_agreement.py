@@ -75,20 +75,9 @@ def agreement(student, teacher: FlowTeacher, scenes: int, seed: int = 0) -> list
         t = torch.full((scenes,), time)
         noisy = (1 - time) * x0 + time * torch.randn(x0.shape, generator=generator)
         packed = shapes_flux.pack(noisy)
-
-        def student_velocity(text, packed=packed, t=t):
-            sequence, pooled = text
-            return transformer(
-                hidden_states=packed,
-                timestep=t,
-                encoder_hidden_states=sequence,
-                pooled_projections=pooled,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
-
-        student_cond, student_uncond = student_velocity(cond), student_velocity(uncond)
+        student_cond, student_uncond = (
+            shapes_flux.predict_velocity(transformer, packed, t, text, text_ids, image_ids) for text in (cond, uncond)
+        )
         teacher_cond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), captions)[0])
         teacher_uncond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), [""] * scenes)[0])
         truth = shapes_flux.pack(x0)

@@ -194,6 +194,21 @@ def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
     raise ValueError(f"`timestep_sampling` must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
+def predict_velocity(transformer, packed: torch.Tensor, t: torch.Tensor, text, text_ids, img_ids) -> torch.Tensor:
+    """The transformer's velocity for packed latents at flow times ``t`` (in [0, 1]); ``text``: (T5 sequence, pooled
+    CLIP vector) from :func:`encode_text`."""
+    sequence, pooled = text
+    return transformer(
+        hidden_states=packed,
+        timestep=t,
+        encoder_hidden_states=sequence,
+        pooled_projections=pooled,
+        txt_ids=text_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+
 def flow_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -329,15 +344,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                 share = config.teacher_weight * inside.float()[:, None, None]
                 target = share * pack(taught) + (1 - share) * target
             with autocast(config.mixed_precision, x0.device):
-                prediction = transformer(
-                    hidden_states=noisy,
-                    timestep=t,
-                    encoder_hidden_states=sequence,
-                    pooled_projections=pooled,
-                    txt_ids=text_ids,
-                    img_ids=ids,
-                    return_dict=False,
-                )[0]
+                prediction = predict_velocity(transformer, noisy, t, (sequence, pooled), text_ids, ids)
             token_weight = None
             if coverage is not None:
                 token_weight = 1.0 + config.object_weight * coverage[index].to(prediction.device)
