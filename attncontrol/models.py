@@ -73,14 +73,16 @@ def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
     """Call arguments adapted to the pipeline's family, so one set of settings drives every shipped model.
 
     Flux without a guidance embedding (the shapes model, like FLUX.1-dev-style models before distillation) needs
-    true CFG with an empty negative prompt and the T5 length its tokenizer was saved with; other pipelines take
-    ``guidance_scale`` as is.
+    true CFG with an empty negative prompt; every Flux pipeline gets the T5 length its tokenizer was saved with; a
+    guidance-distilled Flux (guidance embedding) and other pipelines take ``guidance_scale`` as is.
     """
-    transformer = getattr(pipe, "transformer", None)
-    if type(pipe).__name__.startswith("Flux") and not getattr(transformer.config, "guidance_embeds", True):
-        call_kwargs = dict(call_kwargs)
+    if not type(pipe).__name__.startswith("Flux"):
+        return call_kwargs
+    call_kwargs = dict(call_kwargs)
+    # FluxPipeline pads T5 to 512 unless told: a model trained on 32 tokens would attend to 480 unseen pads.
+    call_kwargs.setdefault("max_sequence_length", min(512, pipe.tokenizer_2.model_max_length))
+    if not getattr(pipe.transformer.config, "guidance_embeds", True):
         call_kwargs["true_cfg_scale"] = call_kwargs.pop("guidance_scale", 1.0)
         if call_kwargs.get("negative_prompt") is None:
             call_kwargs["negative_prompt"] = [""] * batch
-        call_kwargs.setdefault("max_sequence_length", min(512, pipe.tokenizer_2.model_max_length))
     return call_kwargs

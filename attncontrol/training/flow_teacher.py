@@ -75,20 +75,56 @@ class FlowTeacher:
         return self.text_encoder(ids.to(device))[0]
 
     @torch.no_grad()
-    def velocity(self, noisy: torch.Tensor, t: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def velocity(
+        self, noisy: torch.Tensor, t: torch.Tensor, texts: list[str], guidance_scale: float | torch.Tensor = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``noisy``: flow latents ``[B, C, H, W]`` at times ``t`` ``[B]``. Returns the teacher's ``eps - x0`` and a
-        ``[B]`` mask of the rows whose time lies inside the teacher's schedule (the others should use the data)."""
+        ``[B]`` mask of the rows it has a target for (the others should use the data).
+
+        ``guidance_scale`` (a number or one per row) other than 1 returns the classifier-free-guided velocity
+        ``u + w (c - u)``, from one UNet pass over the conditional and the empty-prompt rows together: the target of
+        a guidance-distilled student, which then samples in one pass per step as FLUX.1-dev does. The mix is taken
+        on the UNet's output; the velocity is affine in it with the same sample, so that equals mixing velocities.
+
+        Times noisier than the teacher's last step (t > 0.936 for SD's schedule) are where sampling decides what goes
+        where; a v-prediction teacher still gives them a target: its clean-latent estimate at its noisiest step, and
+        ``v = (x_t - x0) / t``. Times cleaner than its first step are left to the data.
+        """
         timesteps, inside = self.timesteps(t)
+        above = ~inside & (t > 0.5).to(inside.device)
         scale = torch.rsqrt((1 - t) ** 2 + t**2)[:, None, None, None]
-        alpha, sigma = (1 - t)[:, None, None, None] * scale, t[:, None, None, None] * scale
         sample = noisy * scale
-        output = self.unet(sample, timesteps.to(noisy.device), self.encode(texts, noisy.device)).sample.float()
+        hidden = self.encode(texts, noisy.device)
+        scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=noisy.device).expand(len(t))
+        if (scales != 1.0).any():
+            empty = self.encode([""], noisy.device).expand_as(hidden)
+            steps = timesteps.repeat(2).to(noisy.device)
+            both = self.unet(torch.cat([sample, sample]), steps, torch.cat([hidden, empty])).sample.float()
+            conditional, unconditional = both.chunk(2)
+            output = unconditional + scales[:, None, None, None] * (conditional - unconditional)
+        else:
+            output = self.unet(sample, timesteps.to(noisy.device), hidden).sample.float()
+        # The teacher's own coefficients at its (clamped) timestep: the flow time's exactly where it is inside.
+        exact = torch.stack([1 - t, t], dim=-1) * scale[:, :, 0, 0]
+        alpha, sigma = torch.where(inside[:, None].to(t.device), exact, self._coefficients(timesteps).to(t)).unbind(-1)
+        alpha, sigma = alpha[:, None, None, None], sigma[:, None, None, None]
         if self.prediction_type == "v_prediction":
             x0, eps = alpha * sample - sigma * output, sigma * sample + alpha * output
-        else:
-            eps = output
-            x0 = (sample - sigma * eps) / alpha.clamp_min(1e-4)
-        return eps - x0, inside.to(noisy.device)
+            from_x0 = (noisy - x0) / t[:, None, None, None]
+            velocity = torch.where(above.to(noisy.device)[:, None, None, None], from_x0, eps - x0)
+            return velocity, (inside | above).to(noisy.device)
+        # x0 from epsilon at the teacher's noisiest step would divide by alpha ~ 0.07: those rows stay with the data.
+        x0 = (sample - sigma * output) / alpha.clamp_min(1e-4)
+        return output - x0, inside.to(noisy.device)
+
+    def _coefficients(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``(alpha, sigma)`` of the teacher's schedule at (fractional) timesteps, ``[B, 2]``."""
+        log_snr = torch.flip(self._log_snr, dims=[0])  # index = timestep
+        position = timesteps.double().clamp(0, len(log_snr) - 1)
+        low = position.floor().long().clamp(max=len(log_snr) - 2)
+        value = log_snr[low] + (position - low) * (log_snr[low + 1] - log_snr[low])
+        alpha_sq = torch.sigmoid(value)
+        return torch.stack([alpha_sq.sqrt(), (1 - alpha_sq).sqrt()], dim=-1).float()
 
 
 def student_text_encoder(teacher_encoder, vocab_size: int, max_length: int):

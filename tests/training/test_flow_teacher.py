@@ -1,5 +1,6 @@
 """The SD teacher of the Flux-architecture shapes model: schedule mapping, velocity conversion, text encoder cut."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def test_flow_times_map_onto_the_teachers_timesteps(teacher):
     for timestep in (0, 1, 37, 250, 500, 998):
         mapped, inside = teacher.timesteps(flow_time(teacher, timestep))
         assert mapped.item() == pytest.approx(timestep, abs=1e-3) and inside.item()
-    # Noisier than the teacher's last step: clamped there and flagged, so the caller falls back to the data.
+    # Noisier than the teacher's last step: clamped there and flagged (velocity() then reads its x0 estimate).
     mapped, inside = teacher.timesteps(torch.tensor([0.99, 0.5]))
     assert mapped[0].item() == pytest.approx(999) and inside.tolist() == [False, True]
 
@@ -67,6 +68,42 @@ def test_teacher_velocity_is_the_flow_velocity_for_an_exact_unet(teacher, predic
     velocity, inside = teacher.velocity(noisy, t, ["a red circle"] * 3)
     assert inside.all()
     torch.testing.assert_close(velocity, eps - x0, atol=1e-4, rtol=1e-4)
+
+
+def test_times_beyond_the_teachers_noisiest_step_take_its_clean_latent_estimate(teacher, monkeypatch):
+    """t = 0.95 and 0.99 lie past SD's last step (t = 0.936): a v-prediction teacher still gives a target there,
+    ``(x_t - x0_hat) / t``, close to ``eps - x0`` (its coefficients are the clamped step's, not the exact ones)."""
+    generator = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([0.95, 0.99])
+    noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    monkeypatch.setattr(teacher, "unet", Oracle(x0, eps, "v_prediction"))
+    velocity, usable = teacher.velocity(noisy, t, ["a red circle"] * 2)
+    assert usable.all()
+    # The clamped step's coefficients leave (alpha_T sigma - sigma_T alpha) / t of eps in the estimate: 0.017 at
+    # t = 0.95, 0.059 at 0.99 (mean |eps| 0.8: mean errors ~0.013 and ~0.047).
+    error = (velocity - (eps - x0)).abs()
+    assert error.mean() < 0.04 and error.max() < 0.3, (error.mean(), error.max())
+    # An epsilon teacher would divide by alpha ~ 0.07 there: those rows are left to the data.
+    monkeypatch.setattr(teacher, "unet", Oracle(x0, eps, "epsilon"))
+    monkeypatch.setattr(teacher, "prediction_type", "epsilon")
+    _, usable = teacher.velocity(noisy, t, ["a red circle"] * 2)
+    assert not usable.any()
+
+
+def test_guided_velocity_mixes_conditional_and_unconditional_per_row(teacher):
+    generator = torch.Generator().manual_seed(2)
+    noisy = torch.randn(3, 4, 16, 16, generator=generator)
+    t = torch.tensor([0.3, 0.7, 0.97])
+    texts = ["a red circle", "a blue square", "a yellow triangle"]
+    conditional, _ = teacher.velocity(noisy, t, texts)
+    unconditional, _ = teacher.velocity(noisy, t, [""] * 3)
+    assert (conditional - unconditional).abs().mean() > 1e-3  # the prompt matters, so the mix is a real check
+    scales = torch.tensor([1.0, 5.0, 3.0])
+    guided, usable = teacher.velocity(noisy, t, texts, guidance_scale=scales)
+    assert usable.all()
+    expected = unconditional + scales[:, None, None, None] * (conditional - unconditional)
+    torch.testing.assert_close(guided, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_trained_teacher_recovers_the_clean_latent_at_low_noise(teacher):
@@ -125,3 +162,37 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--loss-weighting", "snr"])
     with pytest.raises(ValueError, match="--teacher-weight"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--teacher-weight", "1.5"])
+    with pytest.raises(ValueError, match="--teacher"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--guidance-min", "4", "--guidance-max", "6"])
+    with pytest.raises(ValueError, match="--guidance-min"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "6",
+                          "--guidance-max", "4"])  # fmt: skip
+
+
+def test_guidance_distilled_student_samples_in_one_pass_with_guidance_scale(tmp_path, teacher):
+    """--guidance-min/max: the transformer gets FLUX.1-dev's guidance embedding, and the bench calls it with
+    ``guidance_scale`` alone (no negative prompt, no true CFG), the scale reaching the transformer."""
+    from diffusers import FluxPipeline
+
+    from attncontrol.models import family_call_kwargs
+    from attncontrol.training import shapes_flux
+
+    out = tmp_path / "flux"
+    shapes_flux.main([
+        "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
+        "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--no-adaln-zero",
+        "--guidance-min", "4", "--guidance-max", "6",
+    ])  # fmt: skip
+    pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    assert pipe.transformer.config.guidance_embeds
+    kwargs = family_call_kwargs(pipe, {"guidance_scale": 5.0}, batch=2)
+    assert kwargs == {"guidance_scale": 5.0, "max_sequence_length": 32}
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda _, args, kw: seen.append(kw["guidance"]), with_kwargs=True)
+    images = [
+        pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", **kw).images
+        for kw in (kwargs, {**kwargs, "guidance_scale": 2.0})
+    ]
+    assert len(seen) == 4  # one transformer pass per step
+    assert seen[0].flatten()[0].item() == 5.0 and seen[2].flatten()[0].item() == 2.0
+    assert not np.allclose(images[0], images[1])  # the scale changes the sample
