@@ -5,13 +5,17 @@ For single-object scenes of the shapes world (with their own captions) noised to
 - the clean-latent error of each, ``x0 = x_t - t v`` against the scene's true latent;
 - the cosine between the student's and the teacher's guidance directions (conditional minus unconditional
   velocity): true CFG amplifies that direction, so a student whose direction points elsewhere draws nothing even
-  when its loss is low (the 2026-12-06 attempts: cosine ~0.2 and blank samples).
+  when its loss is low (the 2026-12-06 attempts: cosine ~0.2 and blank samples), and the ratio of their sizes.
+
+A guidance-distilled student (``--guidance-min/--guidance-max``, a guidance embedding) is compared with the
+teacher's guided velocity at ``--guidance-scale``; its guidance direction is its prompted minus its empty-prompt
+velocity at that scale, against the teacher's guided minus unconditional one.
 
 The student is an exported FluxPipeline folder or a training checkpoint (``checkpoint-flux.pt`` beside its run's
 ``config.json``; its EMA weights are read).
 
 Run: python benchmarks/flux_teacher_agreement.py --student runs/shapes-flux/checkpoint-flux.pt [--teacher shapes-sd]
-     [--scenes 16] [--json benchmarks/results/flux-teacher-agreement-cpu.json]
+     [--scenes 16] [--guidance-scale 5] [--json benchmarks/results/flux-teacher-agreement-cpu.json]
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import torch.nn.functional as F
 from _results import save_results
 
 from attncontrol.training import shapes_flux
-from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
+from attncontrol.training.flow_teacher import FlowTeacher
 from attncontrol.training.shapes_vae import encode_pool
 
-TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
+TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97, 0.99)
 
 
 def load_student(path: Path, teacher: FlowTeacher):
@@ -39,18 +43,12 @@ def load_student(path: Path, teacher: FlowTeacher):
         known = shapes_flux.Config.__dataclass_fields__
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
         config = shapes_flux.Config(**values)
-        clip, t5 = shapes_flux.build_text_encoders(config)
-        if config.teacher:
-            clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
+        clip, t5, clip_tok, t5_tok = shapes_flux.build_text_encoders(config, teacher if config.teacher else None)
         transformer = shapes_flux.build_transformer(config, teacher.vae.config.latent_channels)
         state = torch.load(path, weights_only=False, map_location="cpu")
         for module, saved in zip((transformer, clip, t5), state["emas"], strict=True):
             module.load_state_dict(saved)
-        tokenizers = (
-            shapes_flux.shapes_clip_tokenizer(config.vocab_size, config.max_length),
-            shapes_flux.shapes_t5_tokenizer(config.vocab_size, config.max_length),
-        )
-        return transformer, clip, t5, *tokenizers
+        return transformer, clip, t5, clip_tok, t5_tok
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32)
@@ -58,8 +56,10 @@ def load_student(path: Path, teacher: FlowTeacher):
 
 
 @torch.no_grad()
-def agreement(student, teacher: FlowTeacher, scenes: int, seed: int = 0) -> list[dict]:
+def agreement(student, teacher: FlowTeacher, scenes: int, seed: int = 0, guidance_scale: float = 5.0) -> list[dict]:
     transformer, clip, t5, clip_tok, t5_tok = student
+    guided = bool(transformer.config.guidance_embeds)
+    guidance = torch.full((scenes,), guidance_scale) if guided else None
     for module in (transformer, clip, t5):
         module.float().eval()
     latents, captions, _ = encode_pool(teacher.vae, scenes, seed + 99, (1, 0, 0))
@@ -76,20 +76,24 @@ def agreement(student, teacher: FlowTeacher, scenes: int, seed: int = 0) -> list
         noisy = (1 - time) * x0 + time * torch.randn(x0.shape, generator=generator)
         packed = shapes_flux.pack(noisy)
         student_cond, student_uncond = (
-            shapes_flux.predict_velocity(transformer, packed, t, text, text_ids, image_ids) for text in (cond, uncond)
+            shapes_flux.predict_velocity(transformer, packed, t, text, text_ids, image_ids, guidance)
+            for text in (cond, uncond)
         )
-        teacher_cond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), captions)[0])
-        teacher_uncond = shapes_flux.pack(teacher.velocity(noisy, t.clamp(max=0.999), [""] * scenes)[0])
+        teacher_time, scale = t.clamp(max=0.999), guidance_scale if guided else 1.0
+        teacher_cond = shapes_flux.pack(teacher.velocity(noisy, teacher_time, captions, guidance_scale=scale)[0])
+        teacher_uncond = shapes_flux.pack(teacher.velocity(noisy, teacher_time, [""] * scenes)[0])
         truth = shapes_flux.pack(x0)
-        cosine = F.cosine_similarity(
-            (student_cond - student_uncond).flatten(1), (teacher_cond - teacher_uncond).flatten(1)
-        ).mean()
+        student_direction = (student_cond - student_uncond).flatten(1)
+        teacher_direction = (teacher_cond - teacher_uncond).flatten(1)
+        cosine = F.cosine_similarity(student_direction, teacher_direction).mean()
+        size_ratio = (student_direction.norm(dim=1) / teacher_direction.norm(dim=1)).mean()
         rows.append({
             "t": time,
             "velocity_error": float((student_cond - teacher_cond).pow(2).mean()),
             "student_x0_error": float((packed - time * student_cond - truth).pow(2).mean()),
             "teacher_x0_error": float((packed - time * teacher_cond - truth).pow(2).mean()),
             "guidance_cosine": float(cosine),
+            "guidance_size_ratio": float(size_ratio),
         })  # fmt: skip
     return rows
 
@@ -99,19 +103,23 @@ def main() -> None:
     parser.add_argument("--student", required=True, help="exported FluxPipeline folder or checkpoint-flux.pt")
     parser.add_argument("--teacher", default="shapes-sd")
     parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="for guidance-distilled students")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     teacher = FlowTeacher.from_pretrained(args.teacher)
-    rows = agreement(load_student(Path(args.student), teacher), teacher, args.scenes)
+    student = load_student(Path(args.student), teacher)
+    guided = bool(student[0].config.guidance_embeds)
+    rows = agreement(student, teacher, args.scenes, guidance_scale=args.guidance_scale)
+    against = f"guided at {args.guidance_scale}" if guided else "unguided"
     lines = [
-        f"Student `{args.student}` against teacher `{args.teacher}`, {args.scenes} single-object scenes",
+        f"Student `{args.student}` against teacher `{args.teacher}` ({against}), {args.scenes} single-object scenes",
         "",
-        "| t | velocity error | student x0 error | teacher x0 error | guidance cosine |",
-        "|---:|---:|---:|---:|---:|",
+        "| t | velocity error | student x0 error | teacher x0 error | guidance cosine | guidance size ratio |",
+        "|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['t']} | {r['velocity_error']:.4f} | {r['student_x0_error']:.4f} | {r['teacher_x0_error']:.4f} "
-            f"| {r['guidance_cosine']:.3f} |"
+            f"| {r['guidance_cosine']:.3f} | {r['guidance_size_ratio']:.2f} |"
             for r in rows
         ),
     ]

@@ -107,13 +107,33 @@ class Config(ShapesTrainingConfig):
     # 0 and 0: off.
     guidance_min: float = 0.0
     guidance_max: float = 0.0
+    # The per-token text the joint attention reads (FluxPipeline's text_encoder_2): "t5", a small T5 trained from
+    # scratch with the transformer, or (with a teacher) "teacher-clip", the teacher's CLIP hidden states, the tokens its
+    # cross-attention already grounds colours and shapes on, cut like the pooled encoder (trained with --train-clip).
+    sequence_encoder: str = "t5"
 
 
-def build_text_encoders(config: Config):
+def build_text_encoders(config: Config, teacher: FlowTeacher | None = None):
+    """(CLIP for the pooled vector, sequence encoder for the joint attention, their two tokenizers)."""
     from transformers import T5Config, T5EncoderModel
 
-    # CLIP only gives Flux its pooled vector; T5 carries the per-token text the joint attention reads.
-    clip = shapes_clip_text_encoder(2, config.vocab_size, config.max_length)
+    if config.sequence_encoder not in ("t5", "teacher-clip"):
+        raise ValueError(f"`--sequence-encoder` must be 't5' or 'teacher-clip', got {config.sequence_encoder!r}")
+    clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
+    if teacher is not None:  # the teacher's encoder already tells its objects apart: a head start for the pooled vector
+        clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
+    else:
+        clip = shapes_clip_text_encoder(2, config.vocab_size, config.max_length)
+    if config.sequence_encoder == "teacher-clip":
+        if teacher is None:
+            raise ValueError("`--sequence-encoder teacher-clip` needs `--teacher`")
+        return (
+            clip,
+            student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length),
+            clip_tok,
+            clip_tok,
+        )
+    t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)
     t5 = T5EncoderModel(
         T5Config(
             d_model=TEXT_HIDDEN,
@@ -121,11 +141,11 @@ def build_text_encoders(config: Config):
             d_kv=16,
             num_layers=2,
             num_heads=4,
-            vocab_size=len(shapes_t5_tokenizer(config.vocab_size, config.max_length)),
+            vocab_size=len(t5_tok),
             dropout_rate=0.0,
         )
     )
-    return clip, t5
+    return clip, t5, clip_tok, t5_tok
 
 
 def build_transformer(config: Config, latent_channels: int = 4):
@@ -178,6 +198,7 @@ def zero_init_modulation(transformer) -> None:
 
 
 def build_pipeline(vae, clip, t5, transformer, config: Config):
+    """A FluxPipeline of the parts; ``t5`` is whichever sequence encoder ``config.sequence_encoder`` names."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     pipeline = FluxPipeline(
@@ -186,7 +207,11 @@ def build_pipeline(vae, clip, t5, transformer, config: Config):
         text_encoder=clip,
         tokenizer=shapes_clip_tokenizer(config.vocab_size, config.max_length),
         text_encoder_2=t5,
-        tokenizer_2=shapes_t5_tokenizer(config.vocab_size, config.max_length),
+        tokenizer_2=(
+            shapes_clip_tokenizer(config.vocab_size, config.max_length)
+            if config.sequence_encoder == "teacher-clip"
+            else shapes_t5_tokenizer(config.vocab_size, config.max_length)
+        ),
         transformer=transformer,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -311,17 +336,15 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
 
     torch.manual_seed(config.seed)
-    clip, t5 = build_text_encoders(config)
-    clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
-    if teacher is not None:  # the teacher's encoder already tells its objects apart: a head start for the pooled vector
-        clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
+    clip, t5, clip_tok, t5_tok = build_text_encoders(config, teacher)
     transformer = build_transformer(config, vae.config.latent_channels)
-    t5_tok = shapes_t5_tokenizer(config.vocab_size, config.max_length)
     grounding = None
     if "objects" in extras:  # Flux's per-token text is T5's: its keys are the ones grounded
         targets = grounding_targets(captions, extras.pop("objects"), t5_tok, grid)
         grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
     clip.requires_grad_(config.train_clip)
+    if config.sequence_encoder == "teacher-clip":
+        t5.requires_grad_(config.train_clip)
     modules = [transformer, clip, t5]
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
@@ -442,6 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     if config.loss_weighting not in ("velocity", "x0"):
         raise ValueError(f"`--loss-weighting` must be 'velocity' or 'x0', got {config.loss_weighting!r}")
+    if config.sequence_encoder not in ("t5", "teacher-clip"):
+        raise ValueError(f"`--sequence-encoder` must be 't5' or 'teacher-clip', got {config.sequence_encoder!r}")
+    if config.sequence_encoder != "t5" and not config.teacher:
+        raise ValueError(f"`--sequence-encoder {config.sequence_encoder}` needs `--teacher`")
     if config.guidance_min or config.guidance_max:
         if not config.teacher:
             raise ValueError("`--guidance-min`/`--guidance-max` distil a teacher's guidance: name `--teacher`")

@@ -167,6 +167,10 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
     with pytest.raises(ValueError, match="--guidance-min"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "6",
                           "--guidance-max", "4"])  # fmt: skip
+    with pytest.raises(ValueError, match="--teacher"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--sequence-encoder", "teacher-clip"])
+    with pytest.raises(ValueError, match="--sequence-encoder"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--sequence-encoder", "bert"])
 
 
 def test_guidance_distilled_student_samples_in_one_pass_with_guidance_scale(tmp_path, teacher):
@@ -181,10 +185,16 @@ def test_guidance_distilled_student_samples_in_one_pass_with_guidance_scale(tmp_
     shapes_flux.main([
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
         "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--no-adaln-zero",
-        "--guidance-min", "4", "--guidance-max", "6",
+        "--guidance-min", "4", "--guidance-max", "6", "--sequence-encoder", "teacher-clip",
     ])  # fmt: skip
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     assert pipe.transformer.config.guidance_embeds
+    # --sequence-encoder teacher-clip: the joint attention reads the teacher's CLIP tokens (frozen: --no-train-clip).
+    texts = ["a red circle", "a blue square on the left and a green triangle on the right"]
+    ids = pipe.tokenizer_2(texts, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = teacher.encode(texts, "cpu")[:, :32]
+        torch.testing.assert_close(pipe.text_encoder_2(ids)[0], expected, atol=2e-2, rtol=2e-2)
     kwargs = family_call_kwargs(pipe, {"guidance_scale": 5.0}, batch=2)
     assert kwargs == {"guidance_scale": 5.0, "max_sequence_length": 32}
     seen = []
