@@ -23,6 +23,9 @@ from attncontrol.training.shapes_text import TEXT_HIDDEN
 
 logger = logging.getLogger("attncontrol.training.flow_teacher")
 
+# The SD shapes UNet's last cross-attention block at 16x16 (up_blocks: 8x8 -> 16x16 -> 32x32).
+FEATURE_MODULE = "up_blocks.1.attentions.1"
+
 
 class FlowTeacher:
     """Velocity targets ``eps - x0`` for flow-matching latents, predicted by a v- or epsilon-prediction UNet."""
@@ -36,6 +39,7 @@ class FlowTeacher:
         self.prediction_type = pipeline.scheduler.config.prediction_type
         if self.prediction_type not in ("v_prediction", "epsilon"):
             raise ValueError(f"the teacher's scheduler predicts {self.prediction_type!r}; need v_prediction or epsilon")
+        self.features: torch.Tensor | None = None
         alphas = torch.cumprod(1.0 - pipeline.scheduler.betas.double(), dim=0)
         # log SNR falls with the timestep; flipped so that it rises, as torch.searchsorted needs.
         self._log_snr = torch.flip(torch.log(alphas / (1.0 - alphas)), dims=[0])
@@ -50,6 +54,24 @@ class FlowTeacher:
         pipeline = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
         logger.info("teacher: %s (%s)", source, pipeline.scheduler.config.prediction_type)
         return cls(pipeline)
+
+    def watch_features(self, module: str = FEATURE_MODULE) -> int:
+        """From now on keep the output of UNet ``module`` of each :meth:`velocity` call in ``self.features``
+        (``[B, C, H, W]``, the prompted rows only); returns its channel count.
+
+        The default is the decoder's last 16x16 block, the resolution of the student's token grid, where the teacher
+        has already decided what goes where: the target of the student's feature alignment (``--feature-weight``).
+        """
+        block = dict(self.unet.named_modules())[module]
+
+        def keep(_module, _inputs, output) -> None:
+            self.features = (
+                output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple) else output
+            )
+
+        block.register_forward_hook(keep)
+        # A Transformer2DModel's output has its input's channels (its proj_in takes them), a ResNet block its own.
+        return int(block.in_channels if hasattr(block, "in_channels") else block.out_channels)
 
     @property
     def scaling_factor(self) -> float:
@@ -101,6 +123,8 @@ class FlowTeacher:
             steps = timesteps.repeat(2).to(noisy.device)
             both = self.unet(torch.cat([sample, sample]), steps, torch.cat([hidden, empty])).sample.float()
             conditional, unconditional = both.chunk(2)
+            if self.features is not None:  # watched: keep the prompted half
+                self.features = self.features[: len(t)]
             output = unconditional + scales[:, None, None, None] * (conditional - unconditional)
         else:
             output = self.unet(sample, timesteps.to(noisy.device), hidden).sample.float()

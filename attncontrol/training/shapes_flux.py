@@ -111,6 +111,36 @@ class Config(ShapesTrainingConfig):
     # scratch with the transformer, or (with a teacher) "teacher-clip", the teacher's CLIP hidden states, the tokens its
     # cross-attention already grounds colours and shapes on, cut like the pooled encoder (trained with --train-clip).
     sequence_encoder: str = "t5"
+    # Feature alignment with the teacher (REPA's idea, with the teacher's own features as the target): the image
+    # tokens after the last dual-stream block, through a small MLP, are pulled towards the teacher UNet's last 16x16
+    # decoder features at the same noisy latent (1 - cosine per token). Why: the students learned the teacher's
+    # outputs too slowly to follow its layout decisions in 2,000 steps; REPA reports DiTs converging many times faster
+    # when an early layer is aligned with a good representation. 0: off.
+    feature_weight: float = 0.0
+
+
+class FeatureAlignment:
+    """The student's image tokens after its last dual-stream block, projected to the teacher's feature width, against
+    the teacher's features at the same noisy latent (``1 - cosine`` per token, REPA's loss)."""
+
+    def __init__(self, width: int, teacher_channels: int, hidden: int = 256):
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, teacher_channels)
+        )
+        self.tokens: torch.Tensor | None = None
+
+    def watch(self, transformer) -> None:
+        def keep(_module, _inputs, output) -> None:
+            self.tokens = output[1]  # a dual-stream block returns (text, image)
+
+        transformer.transformer_blocks[-1].register_forward_hook(keep)
+
+    def loss(self, teacher_features: torch.Tensor) -> torch.Tensor:
+        target = teacher_features.flatten(2).transpose(1, 2).float()  # [B, C, H, W] -> tokens in row-major order
+        if target.shape[1] != self.tokens.shape[1]:
+            raise ValueError(f"teacher features give {target.shape[1]} tokens, the student has {self.tokens.shape[1]}")
+        projected = self.projector(self.tokens.float())
+        return (1 - torch.nn.functional.cosine_similarity(projected, target, dim=-1)).mean()
 
 
 def build_text_encoders(config: Config, teacher: FlowTeacher | None = None):
@@ -347,6 +377,10 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         t5.requires_grad_(config.train_clip)
     modules = [transformer, clip, t5]
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    alignment = None
+    if config.feature_weight > 0:
+        alignment = FeatureAlignment(transformer.inner_dim, teacher.watch_features())
+        params += list(alignment.projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     emas = [copy.deepcopy(module).eval() for module in modules]
     step, history = 0, []
@@ -358,10 +392,14 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
             ema.load_state_dict(saved_ema)
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
+        if alignment is not None:
+            alignment.projector.load_state_dict(state["projector"])
         set_rng_state(state["rng"])
         logger.info("flux: resumed at step %d", step)
     transformer, clip, t5, optimizer = accelerator.prepare(transformer, clip, t5, optimizer)
     live = [accelerator.unwrap_model(m) for m in (transformer, clip, t5)]
+    if alignment is not None:
+        alignment.watch(live[0])
     ids = image_ids(grid, grid).to(accelerator.device)
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
@@ -402,7 +440,15 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
             if grounding is not None and grounding.active:
                 term = grounding.loss(index, texts)
                 loss = loss + grounding.weight * term
-            log.add({"diffusion": flow, **({"grounding": term.item()} if term is not None else {})})
+            if alignment is not None:
+                aligned = alignment.loss(teacher.features)
+                loss = loss + config.feature_weight * aligned
+                term_values = {"align": aligned.item()}
+            else:
+                term_values = {}
+            if term is not None:
+                term_values["grounding"] = term.item()
+            log.add({"diffusion": flow, **term_values})
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
             accelerator.backward(loss)
@@ -431,6 +477,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                         "step": step,
                         "history": history,
                         "rng": rng_state(),
+                        **({"projector": alignment.projector.state_dict()} if alignment is not None else {}),
                     },
                 )
     bar.close()
@@ -467,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"`--loss-weighting` must be 'velocity' or 'x0', got {config.loss_weighting!r}")
     if config.sequence_encoder not in ("t5", "teacher-clip"):
         raise ValueError(f"`--sequence-encoder` must be 't5' or 'teacher-clip', got {config.sequence_encoder!r}")
+    if config.feature_weight < 0 or (config.feature_weight > 0 and not config.teacher):
+        raise ValueError(f"`--feature-weight` needs `--teacher` and a weight >= 0, got {config.feature_weight}")
     if config.sequence_encoder != "t5" and not config.teacher:
         raise ValueError(f"`--sequence-encoder {config.sequence_encoder}` needs `--teacher`")
     if config.guidance_min or config.guidance_max:

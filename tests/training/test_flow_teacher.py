@@ -169,6 +169,8 @@ def test_flux_training_with_a_teacher_shares_its_latent_space(tmp_path, teacher)
                           "--guidance-max", "4"])  # fmt: skip
     with pytest.raises(ValueError, match="--teacher"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--sequence-encoder", "teacher-clip"])
+    with pytest.raises(ValueError, match="--feature-weight"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--feature-weight", "0.5"])
     with pytest.raises(ValueError, match="--sequence-encoder"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--sequence-encoder", "bert"])
 
@@ -185,8 +187,10 @@ def test_guidance_distilled_student_samples_in_one_pass_with_guidance_scale(tmp_
     shapes_flux.main([
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "16", "--batch", "4",
         "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--no-adaln-zero",
-        "--guidance-min", "4", "--guidance-max", "6", "--sequence-encoder", "teacher-clip",
+        "--guidance-min", "4", "--guidance-max", "6", "--sequence-encoder", "teacher-clip", "--feature-weight", "0.5",
+        "--checkpoint-every", "1",
     ])  # fmt: skip
+    assert "projector" in torch.load(out / "checkpoint-flux.pt", weights_only=False)  # kept for --resume
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     assert pipe.transformer.config.guidance_embeds
     # --sequence-encoder teacher-clip: the joint attention reads the teacher's CLIP tokens (frozen: --no-train-clip).
@@ -206,3 +210,32 @@ def test_guidance_distilled_student_samples_in_one_pass_with_guidance_scale(tmp_
     assert len(seen) == 4  # one transformer pass per step
     assert seen[0].flatten()[0].item() == 5.0 and seen[2].flatten()[0].item() == 2.0
     assert not np.allclose(images[0], images[1])  # the scale changes the sample
+
+
+def test_teacher_features_are_the_prompted_rows_and_align_token_by_token(teacher):
+    """watch_features keeps the decoder's 16x16 block for the prompted rows only (a guided call runs the empty
+    prompts in the same batch), and FeatureAlignment compares token (row, col) with feature pixel (row, col)."""
+    from attncontrol.training.shapes_flux import FeatureAlignment
+
+    channels = teacher.watch_features()
+    try:
+        generator = torch.Generator().manual_seed(3)
+        noisy, t = torch.randn(2, 4, 32, 32, generator=generator), torch.tensor([0.4, 0.8])
+        texts = ["a red circle", "a blue square"]
+        teacher.velocity(noisy, t, texts)
+        plain = teacher.features.clone()
+        teacher.velocity(noisy, t, texts, guidance_scale=5.0)
+        assert plain.shape == (2, channels, 16, 16)
+        torch.testing.assert_close(teacher.features, plain, atol=1e-5, rtol=1e-5)
+    finally:
+        teacher.unet.up_blocks[1].attentions[1]._forward_hooks.clear()
+        teacher.features = None
+
+    alignment = FeatureAlignment(width=channels, teacher_channels=channels)
+    alignment.projector = torch.nn.Identity()
+    alignment.tokens = plain.permute(0, 2, 3, 1).reshape(2, 256, channels).clone().requires_grad_(True)
+    loss = alignment.loss(plain)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
+    loss.backward()  # differentiable through the student's tokens
+    swapped = plain.transpose(2, 3)  # (col, row) order: not the same tokens
+    assert alignment.loss(swapped).item() > 0.05
