@@ -6,8 +6,10 @@
 Rectified flow on packed latents, as Flux is trained: ``x_t = (1 - t) x_0 + t noise`` with velocity target
 ``noise - x_0``; ``t`` is logit-normal by default (``--timestep-sampling``) and the transformer sees it in [0, 1]
 (the pipeline passes ``timestep / 1000``).
-There is no guidance distillation, so the model is trained with 10% empty captions and sampled with true CFG:
-``pipe(prompt, negative_prompt="", true_cfg_scale=5.0, max_sequence_length=32)`` (the bench does this for you).
+By default there is no guidance distillation, so the model is trained with 10% empty captions and sampled with true
+CFG: ``pipe(prompt, negative_prompt="", true_cfg_scale=5.0, max_sequence_length=32)`` (the bench does this for you).
+With a teacher, ``--guidance-min/--guidance-max`` distil its guided velocity into a guidance embedding instead
+(FLUX.1-dev's form): ``pipe(prompt, guidance_scale=5.0, max_sequence_length=32)``.
 
 With ``--teacher shapes-sd`` the targets are the shipped SD-architecture model's predictions, mapped onto flow
 times (:mod:`attncontrol.training.flow_teacher`), and the student takes over its autoencoder and CLIP text encoder.
