@@ -146,11 +146,10 @@ class FeatureAlignment:
 
 
 def build_text_encoders(config: Config, teacher: FlowTeacher | None = None):
-    """(CLIP for the pooled vector, sequence encoder for the joint attention, their two tokenizers)."""
+    """(CLIP for the pooled vector, sequence encoder for the joint attention, their two tokenizers); ``main`` has
+    checked ``config.sequence_encoder``."""
     from transformers import T5Config, T5EncoderModel
 
-    if config.sequence_encoder not in ("t5", "teacher-clip"):
-        raise ValueError(f"`--sequence-encoder` must be 't5' or 'teacher-clip', got {config.sequence_encoder!r}")
     clip_tok = shapes_clip_tokenizer(config.vocab_size, config.max_length)
     if teacher is not None:  # the teacher's encoder already tells its objects apart: a head start for the pooled vector
         clip = student_text_encoder(teacher.text_encoder, config.vocab_size, config.max_length)
@@ -400,7 +399,8 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         logger.info("flux: resumed at step %d", step)
     transformer, clip, t5, optimizer = accelerator.prepare(transformer, clip, t5, optimizer)
     live = [accelerator.unwrap_model(m) for m in (transformer, clip, t5)]
-    if alignment is not None:
+    if alignment is not None:  # its gradients are averaged across processes like the transformer's
+        alignment.projector = accelerator.prepare(alignment.projector)
         alignment.watch(live[0])
     ids = image_ids(grid, grid).to(accelerator.device)
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
@@ -479,7 +479,11 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                         "step": step,
                         "history": history,
                         "rng": rng_state(),
-                        **({"projector": alignment.projector.state_dict()} if alignment is not None else {}),
+                        **(
+                            {"projector": accelerator.unwrap_model(alignment.projector).state_dict()}
+                            if alignment is not None
+                            else {}
+                        ),
                     },
                 )
     bar.close()
