@@ -73,6 +73,12 @@ class FlowTeacher:
         # A Transformer2DModel's output has its input's channels (its proj_in takes them), a ResNet block its own.
         return int(block.in_channels if hasattr(block, "in_channels") else block.out_channels)
 
+    def to(self, device: torch.device | str) -> FlowTeacher:
+        """Move the teacher's networks (the accelerator's device when training there); the schedule stays on the CPU."""
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.to(device)
+        return self
+
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
@@ -112,34 +118,39 @@ class FlowTeacher:
         where; a v-prediction teacher still gives them a target: its clean-latent estimate at its noisiest step, and
         ``v = (x_t - x0) / t``. Times cleaner than its first step are left to the data.
         """
-        timesteps, inside = self.timesteps(t)
-        above = ~inside & (t > 0.5).to(inside.device)
+        device = noisy.device
+        # The schedule lookup runs on the CPU (its table lives there); the results go where the latents are.
+        timesteps, inside = self.timesteps(t.detach().cpu())
+        coefficients = self._coefficients(timesteps).to(device)
+        above = ~inside & (t.detach().cpu() > 0.5)
+        timesteps, inside, above = timesteps.to(device), inside.to(device), above.to(device)
         scale = torch.rsqrt((1 - t) ** 2 + t**2)[:, None, None, None]
         sample = noisy * scale
-        hidden = self.encode(texts, noisy.device)
-        scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=noisy.device).expand(len(t))
+        hidden = self.encode(texts, device)
+        scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device).expand(len(t))
         if (scales != 1.0).any():
-            empty = self.encode([""], noisy.device).expand_as(hidden)
-            steps = timesteps.repeat(2).to(noisy.device)
-            both = self.unet(torch.cat([sample, sample]), steps, torch.cat([hidden, empty])).sample.float()
+            empty = self.encode([""], device).expand_as(hidden)
+            both = self.unet(
+                torch.cat([sample, sample]), timesteps.repeat(2), torch.cat([hidden, empty])
+            ).sample.float()
             conditional, unconditional = both.chunk(2)
             if self.features is not None:  # watched: keep the prompted half
                 self.features = self.features[: len(t)]
             output = unconditional + scales[:, None, None, None] * (conditional - unconditional)
         else:
-            output = self.unet(sample, timesteps.to(noisy.device), hidden).sample.float()
+            output = self.unet(sample, timesteps, hidden).sample.float()
         # The teacher's own coefficients at its (clamped) timestep: the flow time's exactly where it is inside.
         exact = torch.stack([1 - t, t], dim=-1) * scale[:, :, 0, 0]
-        alpha, sigma = torch.where(inside[:, None].to(t.device), exact, self._coefficients(timesteps).to(t)).unbind(-1)
+        alpha, sigma = torch.where(inside[:, None], exact, coefficients.to(exact.dtype)).unbind(-1)
         alpha, sigma = alpha[:, None, None, None], sigma[:, None, None, None]
         if self.prediction_type == "v_prediction":
             x0, eps = alpha * sample - sigma * output, sigma * sample + alpha * output
             from_x0 = (noisy - x0) / t[:, None, None, None]
-            velocity = torch.where(above.to(noisy.device)[:, None, None, None], from_x0, eps - x0)
-            return velocity, (inside | above).to(noisy.device)
+            velocity = torch.where(above[:, None, None, None], from_x0, eps - x0)
+            return velocity, inside | above
         # x0 from epsilon at the teacher's noisiest step would divide by alpha ~ 0.07: those rows stay with the data.
         x0 = (sample - sigma * output) / alpha.clamp_min(1e-4)
-        return output - x0, inside.to(noisy.device)
+        return output - x0, inside
 
     def _coefficients(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``(alpha, sigma)`` of the teacher's schedule at (fractional) timesteps, ``[B, 2]``."""

@@ -342,7 +342,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     teacher = None
     if config.teacher:
         # The student lives in the teacher's latent space: its autoencoder and scaling, no shift.
-        teacher = FlowTeacher.from_pretrained(config.teacher)
+        teacher = FlowTeacher.from_pretrained(config.teacher).to(accelerator.device)
         vae = copy.deepcopy(teacher.vae)
     else:
         vae = AutoencoderKL.from_pretrained(vae_path)

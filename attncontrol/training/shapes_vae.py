@@ -174,7 +174,8 @@ def encode_pool(
     vae.eval()
     for start in tqdm(range(0, num_scenes, 256), desc="encode pool"):
         scenes = generator.batch(start, min(256, num_scenes - start))
-        latents.append(vae.encode(to_tensor(scenes)).latent_dist.mean)
+        pixels = to_tensor(scenes).to(vae.device, vae.dtype)
+        latents.append(vae.encode(pixels).latent_dist.mean.float().cpu())  # the pool stays in CPU memory
         captions.extend(scene.caption for scene in scenes)
         for name, function in per_scene.items():
             extras[name].extend(function(scene) for scene in scenes)
