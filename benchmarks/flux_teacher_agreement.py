@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _results import save_results
-from PIL import Image
 
 from attncontrol.shapes import detect
 from attncontrol.shapes.bench import objects_present, single_object_cases
+from attncontrol.shapes.scenes import to_pixels
 from attncontrol.training import shapes_flux
 from attncontrol.training.flow_teacher import FlowTeacher
 from attncontrol.training.shapes_vae import encode_pool
@@ -118,8 +118,7 @@ def teacher_flow_samples(teacher: FlowTeacher, num_seeds: int, guidance_scale: f
     for now, after in itertools.pairwise(times):
         velocity, _ = teacher.velocity(latents, now.expand(len(cases)), prompts, guidance_scale=guidance_scale)
         latents = latents + (after - now) * velocity
-    pixels = teacher.vae.decode(latents / teacher.scaling_factor).sample.clamp(-1, 1)
-    images = [Image.fromarray(((p + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for p in pixels]
+    images = to_pixels(teacher.vae.decode(latents / teacher.scaling_factor).sample)
     hits = sum(objects_present(detect(image), case.expected) for case, image in zip(cases, images, strict=True))
     return {"hits": int(hits), "total": len(cases), "steps": steps, "guidance_scale": guidance_scale}
 

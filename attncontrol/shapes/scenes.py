@@ -270,6 +270,12 @@ def to_tensor(scenes: Sequence[Scene]):
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
+def to_pixels(images) -> np.ndarray:
+    """The inverse of :func:`to_tensor`: a ``[N, 3, H, W]`` tensor in [-1, 1] (a decoder's output) as ``uint8``
+    ``[N, H, W, 3]`` images, what the detector reads."""
+    return ((images.detach().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def fill_ratio(shape: str) -> float:
     """Area of a shape over the area of its box, in the continuum."""
     return {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}[shape]

@@ -189,10 +189,12 @@ def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | 
 
 @torch.no_grad()
 def probe_single_objects(pipeline, steps: int, num_seeds: int = 2, **call_kwargs) -> float:
-    """Share of single-object prompts drawn with the right colour and shape (a quick slice of the bench)."""
+    """Share of single-object prompts drawn with the right colour and shape (a quick slice of the bench), called the
+    way the bench calls the pipeline's family (:func:`attncontrol.models.family_call_kwargs`)."""
+    from attncontrol.models import family_call_kwargs
+
     cases = single_object_cases(num_seeds, seed_offset=500)
-    if isinstance(call_kwargs.get("negative_prompt"), str):
-        call_kwargs["negative_prompt"] = [call_kwargs["negative_prompt"]] * len(cases)
+    call_kwargs = family_call_kwargs(pipeline, call_kwargs, len(cases))
     generators = [torch.Generator("cpu").manual_seed(case.seed) for case in cases]
     images = pipeline(
         [case.prompt for case in cases],

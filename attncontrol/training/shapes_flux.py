@@ -249,15 +249,6 @@ def build_pipeline(vae, clip, t5, transformer, config: Config):
     return pipeline
 
 
-def sampling_kwargs(config: Config, guidance_scale: float = 5.0) -> dict:
-    """FluxPipeline arguments for this model: its T5 length, and guidance as it was trained (the distilled scale
-    clamped into its range, or true CFG with an empty negative prompt)."""
-    if config.guidance_max > 0:
-        scale = min(max(guidance_scale, config.guidance_min), config.guidance_max)
-        return {"guidance_scale": scale, "max_sequence_length": config.max_length}
-    return {"negative_prompt": "", "true_cfg_scale": guidance_scale, "max_sequence_length": config.max_length}
-
-
 def sample_timesteps(kind: str, count: int, device) -> torch.Tensor:
     """Flow-matching times t in (0, 1); t = 1 is pure noise."""
     if kind == "uniform":
@@ -465,7 +456,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                 accuracy = probe_single_objects(
                     build_pipeline(vae, emas[1], emas[2], emas[0], config),
                     config.probe_steps,
-                    **sampling_kwargs(config),
+                    guidance_scale=5.0,
                 )
                 history.append(log.probe_entry(step, (time.perf_counter() - started) / 60, accuracy))
                 logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from attncontrol.core.masks import resize_to_grid
 from attncontrol.shapes.bench import objects_present
 from attncontrol.shapes.detector import detect
-from attncontrol.shapes.scenes import IMAGE_SIZE, Scene, SceneGenerator, to_tensor
+from attncontrol.shapes.scenes import IMAGE_SIZE, Scene, SceneGenerator, to_pixels, to_tensor
 from attncontrol.training.common import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ def vae_round_trip_accuracy(vae, num_scenes: int = 200, seed: int = 10_000) -> t
     errors = []
     for start in range(0, num_scenes, 50):
         chunk = scenes[start : start + 50]
-        decoded = vae.decode(vae.encode(to_tensor(chunk)).latent_dist.mean).sample.clamp(-1, 1)
-        pixels = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        pixels = to_pixels(vae.decode(vae.encode(to_tensor(chunk)).latent_dist.mean).sample)
         errors.append(np.abs(pixels.astype(np.float32) - np.stack([s.image for s in chunk])).mean())
         for scene, image in zip(chunk, pixels, strict=True):
             detected = detect(image)
