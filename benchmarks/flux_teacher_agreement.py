@@ -26,7 +26,6 @@ Run: python benchmarks/flux_teacher_agreement.py --student runs/shapes-flux/chec
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 from pathlib import Path
@@ -113,11 +112,7 @@ def teacher_flow_samples(teacher: FlowTeacher, num_seeds: int, guidance_scale: f
     cases = single_object_cases(num_seeds, seed_offset=500)
     shape = (teacher.vae.config.latent_channels, 32, 32)  # 64x64 scenes, factor-2 autoencoder
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(case.seed)) for case in cases])
-    prompts = [case.prompt for case in cases]
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    for now, after in itertools.pairwise(times):
-        velocity, _ = teacher.velocity(latents, now.expand(len(cases)), prompts, guidance_scale=guidance_scale)
-        latents = latents + (after - now) * velocity
+    latents = teacher.sample(latents, [case.prompt for case in cases], guidance_scale, steps)
     images = to_pixels(teacher.vae.decode(latents / teacher.scaling_factor).sample)
     hits = sum(objects_present(detect(image), case.expected) for case, image in zip(cases, images, strict=True))
     return {"hits": int(hits), "total": len(cases), "steps": steps, "guidance_scale": guidance_scale}

@@ -15,6 +15,7 @@ teacher's timestep is the (fractional) one whose signal-to-noise ratio equals ``
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -151,6 +152,19 @@ class FlowTeacher:
         # x0 from epsilon at the teacher's noisiest step would divide by alpha ~ 0.07: those rows stay with the data.
         x0 = (sample - sigma * output) / alpha.clamp_min(1e-4)
         return output - x0, inside
+
+    @torch.no_grad()
+    def sample(
+        self, noise: torch.Tensor, texts: list[str], guidance_scale: float | torch.Tensor = 1.0, steps: int = 20
+    ) -> torch.Tensor:
+        """Integrate the teacher's (guided) velocity field with Euler from ``noise`` at t = 1 to t = 0: the clean
+        latents the student's own sampler would reach on this field, one per noise."""
+        latents = noise
+        times = torch.linspace(1.0, 0.0, steps + 1)
+        for now, after in itertools.pairwise(times):
+            velocity, _ = self.velocity(latents, now.expand(len(latents)).to(latents.device), texts, guidance_scale)
+            latents = latents + float(after - now) * velocity
+        return latents
 
     def _coefficients(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``(alpha, sigma)`` of the teacher's schedule at (fractional) timesteps, ``[B, 2]``."""

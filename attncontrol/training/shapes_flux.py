@@ -119,6 +119,14 @@ class Config(ShapesTrainingConfig):
     # outputs too slowly to follow its layout decisions in 2,000 steps; REPA reports DiTs converging many times faster
     # when an early layer is aligned with a good representation. 0: off.
     feature_weight: float = 0.0
+    # Reflow (rectified flow's second round, with the teacher as the first flow): before training, this many pool
+    # captions are sampled by the teacher's guided field from fixed noises (Euler, `reflow_steps`), and the student
+    # regresses onto the straight path between each noise and its sample. Why: with independent noise and data the
+    # target at high t is an average over every place an object could go, and the students learnt that blank average
+    # long before the teacher's noise-to-layout decision; a paired noise has one answer. Needs --guidance-min/max
+    # (each pair's scale is fed to the guidance embedding). 0: off.
+    reflow_pairs: int = 0
+    reflow_steps: int = 10
 
 
 class FeatureAlignment:
@@ -327,6 +335,44 @@ def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[t
     return t5(t5_ids.to(device))[0], pooled
 
 
+def reflow_pairs(
+    teacher: FlowTeacher,
+    captions: list[str],
+    config: Config,
+    latent_shape: tuple[int, ...],
+    path: Path,
+    chunk: int = 32,
+) -> dict[str, torch.Tensor]:
+    """``noise``, ``sample`` (unpacked latents) and ``guidance`` (one scale each) for the first ``config.reflow_pairs``
+    captions: the teacher's guided field integrated from each noise. Saved to ``path`` after every chunk, so a crash
+    or ``--resume`` goes on where it stopped; noises and scales come from the config's seed, so a resumed file
+    matches a fresh one."""
+    count = config.reflow_pairs
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    noise = torch.randn((count, *latent_shape), generator=generator)
+    spread = config.guidance_max - config.guidance_min
+    guidance = config.guidance_min + spread * torch.rand(count, generator=generator)
+    pairs = {"noise": noise, "sample": torch.empty_like(noise), "guidance": guidance, "done": 0}
+    pairs["captions"] = captions[:count]
+    if path.exists():
+        saved = load_checkpoint(path)
+        same = saved["captions"] == pairs["captions"]
+        if same and torch.equal(saved["noise"], noise) and torch.equal(saved["guidance"], guidance):
+            pairs = saved
+    device = next(teacher.unet.parameters()).device
+    with tqdm(total=count, initial=pairs["done"], desc="reflow pairs") as bar:
+        while pairs["done"] < count:
+            rows = slice(pairs["done"], min(pairs["done"] + chunk, count))
+            sample = teacher.sample(
+                noise[rows].to(device), captions[rows], guidance[rows].to(device), config.reflow_steps
+            )
+            pairs["sample"][rows] = sample.cpu()
+            pairs["done"] = rows.stop
+            save_checkpoint(path, pairs)
+            bar.update(rows.stop - rows.start)
+    return pairs
+
+
 def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | None, resume: bool) -> dict:
     from diffusers import AutoencoderKL
 
@@ -355,6 +401,11 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         shift, scaling = 0.0, teacher.scaling_factor
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     packed = pack((latents - shift) * scaling)
+    pairs = None
+    if config.reflow_pairs:
+        pairs = reflow_pairs(teacher, captions, config, tuple(latents.shape[1:]), out / "reflow-pairs.pt")
+        packed, captions = pack(pairs["sample"]), captions[: config.reflow_pairs]
+        pairs = {"noise": pack(pairs["noise"]), "guidance": pairs["guidance"]}
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
 
     torch.manual_seed(config.seed)
@@ -406,19 +457,23 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
             index = torch.randint(0, len(packed), (config.batch,))
             x0 = packed[index].to(accelerator.device)
-            texts = [captions[i] if random.random() >= config.caption_dropout else "" for i in index.tolist()]
+            # A reflow pair is its caption's sample: it has no empty-caption row.
+            dropout = 0.0 if pairs is not None else config.caption_dropout
+            texts = [captions[i] if random.random() >= dropout else "" for i in index.tolist()]
             sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
             if grounding is not None:
                 grounding.begin_step(controller, step)
-            noise = torch.randn_like(x0)
+            noise = torch.randn_like(x0) if pairs is None else pairs["noise"][index].to(x0.device)
             t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
             noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             target = noise - x0
             guidance = None
-            if config.guidance_max > 0:
+            if pairs is not None:
+                guidance = pairs["guidance"][index].to(x0.device)
+            elif config.guidance_max > 0:
                 guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(len(x0))
                 guidance = guidance.to(x0.device)
-            if teacher is not None:
+            if teacher is not None and pairs is None:
                 scales = 1.0 if guidance is None else guidance
                 taught, inside = teacher.velocity(unpack(noisy, grid), t, texts, guidance_scale=scales)
                 share = config.teacher_weight * inside.float()[:, None, None]
@@ -521,6 +576,17 @@ def main(argv: list[str] | None = None) -> None:
         if not 1.0 <= config.guidance_min <= config.guidance_max:
             raise ValueError(
                 f"need 1 <= `--guidance-min` <= `--guidance-max`, got {config.guidance_min} and {config.guidance_max}"
+            )
+    if config.reflow_pairs:
+        if config.guidance_max <= 0 or config.feature_weight > 0:
+            raise ValueError(
+                "`--reflow-pairs` samples the teacher's guided field: it needs `--teacher` with `--guidance-min/max`, "
+                "and no `--feature-weight` (no teacher pass during training)"
+            )
+        if not 0 < config.reflow_pairs <= config.pool_size or config.reflow_steps < 1:
+            raise ValueError(
+                f"need 0 < `--reflow-pairs` <= `--pool-size` ({config.pool_size}) and `--reflow-steps` >= 1, got "
+                f"{config.reflow_pairs} and {config.reflow_steps}"
             )
     if not 0.0 <= config.teacher_weight <= 1.0:
         raise ValueError(f"`--teacher-weight` must be between 0 and 1, got {config.teacher_weight}")

@@ -48,12 +48,14 @@ class Oracle(torch.nn.Module):
 
         outputs = []
         for row in range(len(sample)):
-            basis = torch.stack([self.x0[row].flatten(), self.eps[row].flatten()], dim=1).double()
+            known = row % len(self.x0)  # a guided call stacks the prompted and the empty rows: the same latents
+            x0, eps = self.x0[known], self.eps[known]
+            basis = torch.stack([x0.flatten(), eps.flatten()], dim=1).double()
             alpha, sigma = torch.linalg.lstsq(basis, sample[row].flatten().double()[:, None]).solution.flatten()
             if self.prediction_type == "v_prediction":
-                outputs.append(alpha * self.eps[row] - sigma * self.x0[row])
+                outputs.append(alpha * eps - sigma * x0)
             else:
-                outputs.append(self.eps[row])
+                outputs.append(eps)
         return SimpleNamespace(sample=torch.stack(outputs).float())
 
 
@@ -239,3 +241,78 @@ def test_teacher_features_are_the_prompted_rows_and_align_token_by_token(teacher
     loss.backward()  # differentiable through the student's tokens
     swapped = plain.transpose(2, 3)  # (col, row) order: not the same tokens
     assert alignment.loss(swapped).item() > 0.05
+
+
+def test_teacher_sample_integrates_its_field_to_the_clean_latent(teacher, monkeypatch):
+    """Euler on an exact teacher's field runs along the straight path from the noise to its clean latent; only the
+    first step, past SD's noisiest step, carries the clamped estimate's small error."""
+    generator = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    monkeypatch.setattr(teacher, "unet", Oracle(x0, eps, "v_prediction"))
+    sample = teacher.sample(eps, ["a red circle", "a blue square"], guidance_scale=torch.tensor([4.0, 6.0]), steps=4)
+    assert (sample - x0).abs().mean() < 0.03, (sample - x0).abs().mean()
+    assert (eps - x0).abs().mean() > 0.5  # far apart to begin with
+
+
+def test_reflow_pairs_resume_where_they_stopped(tmp_path, teacher, monkeypatch):
+    from attncontrol.training import shapes_flux
+
+    config = shapes_flux.Config(reflow_pairs=5, reflow_steps=2, guidance_min=4.0, guidance_max=6.0)
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a red square", "unused"]
+    path = tmp_path / "pairs.pt"
+    fresh = shapes_flux.reflow_pairs(teacher, captions, config, (4, 8, 8), path, chunk=2)
+    assert fresh["done"] == 5 and fresh["captions"] == captions[:5]
+    assert ((fresh["guidance"] >= 4) & (fresh["guidance"] <= 6)).all()
+    torch.testing.assert_close(
+        fresh["sample"][:2], teacher.sample(fresh["noise"][:2], captions[:2], fresh["guidance"][:2], 2)
+    )
+    # A crash after the first chunk: the rerun samples only the rows left and ends with the same pairs.
+    partial = dict(fresh, done=2, sample=fresh["sample"].clone())
+    partial["sample"][2:] = 0
+    torch.save(partial, path)
+    sampled = []
+    original = teacher.sample
+    monkeypatch.setattr(teacher, "sample", lambda noise, *a: sampled.append(len(noise)) or original(noise, *a))
+    resumed = shapes_flux.reflow_pairs(teacher, captions, config, (4, 8, 8), path, chunk=2)
+    assert sampled == [2, 1]
+    torch.testing.assert_close(resumed["sample"], fresh["sample"])
+    # Other captions (another pool) do not reuse the file.
+    sampled.clear()
+    shapes_flux.reflow_pairs(teacher, captions[1:], config, (4, 8, 8), path, chunk=2)
+    assert sampled == [2, 2, 1]
+
+
+def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, teacher, monkeypatch):
+    """--reflow-pairs: every training row is the straight path between one pair's noise and its teacher sample,
+    read with that pair's guidance scale (fresh noise would break it)."""
+    from attncontrol.training import shapes_flux
+
+    seen = []
+    original = shapes_flux.predict_velocity
+
+    def spy(transformer, packed, t, text, text_ids, img_ids, guidance=None):
+        seen.append((packed.detach().clone(), t.clone(), guidance.clone()))
+        return original(transformer, packed, t, text, text_ids, img_ids, guidance)
+
+    monkeypatch.setattr(shapes_flux, "predict_velocity", spy)
+    out = tmp_path / "flux"
+    shapes_flux.main([
+        "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "6", "--batch", "4",
+        "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--guidance-min", "4",
+        "--guidance-max", "6", "--reflow-pairs", "6", "--reflow-steps", "2",
+    ])  # fmt: skip
+    pairs = torch.load(out / "reflow-pairs.pt", weights_only=False)
+    assert pairs["done"] == 6 and not torch.allclose(pairs["sample"], pairs["noise"])
+    noise, sample = shapes_flux.pack(pairs["noise"]), shapes_flux.pack(pairs["sample"])
+    assert len(seen) == 2
+    for packed, t, guidance in seen:
+        for row in range(len(packed)):
+            straight = (1 - t[row]) * sample + t[row] * noise  # every pair at this row's time
+            match = (straight - packed[row]).abs().flatten(1).amax(1) < 1e-5
+            assert match.sum() == 1, f"row {row} is on no pair's path"
+            assert guidance[row] == pairs["guidance"][match.nonzero()[0, 0]]
+    with pytest.raises(ValueError, match="--reflow-pairs"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--reflow-pairs", "4"])
+    with pytest.raises(ValueError, match="--reflow-pairs"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
+                          "--guidance-max", "6", "--reflow-pairs", "40", "--pool-size", "20"])  # fmt: skip
