@@ -13,26 +13,31 @@ velocity at that scale, against the teacher's guided minus unconditional one.
 
 ``--teacher-samples N`` also samples the teacher's own field the way a student samples (Euler from t = 1, guided at
 ``--guidance-scale``) for the 12 single-object prompts x N seeds and scores the images with the detector: whether
-the targets a student learns can draw the prompts at all.
+the targets a student learns can draw the prompts at all. ``--student-samples N`` samples the student the same way
+(the same prompts and noises) and ``--grid`` saves its images; for a reflow student (``--reflow-pairs``) the grid
+also shows its samples from its first 12 training pairs' noises above the teacher's.
 
 The student is an exported FluxPipeline folder or a training checkpoint (``checkpoint-flux.pt`` beside its run's
 ``config.json``; its EMA weights are read).
 
 Run: python benchmarks/flux_teacher_agreement.py --student runs/shapes-flux/checkpoint-flux.pt [--teacher shapes-sd]
-     [--scenes 16] [--guidance-scale 5] [--teacher-samples 1]
+     [--scenes 16] [--guidance-scale 5] [--teacher-samples 1] [--student-samples 2 --grid samples.png]
      [--json benchmarks/results/flux-teacher-agreement-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _results import save_results
+from PIL import Image
 
 from attncontrol.shapes import detect
 from attncontrol.shapes.bench import objects_present, single_object_cases
@@ -118,6 +123,51 @@ def teacher_flow_samples(teacher: FlowTeacher, num_seeds: int, guidance_scale: f
     return {"hits": int(hits), "total": len(cases), "steps": steps, "guidance_scale": guidance_scale}
 
 
+@torch.no_grad()
+def student_sample(student, noise: torch.Tensor, prompts: list[str], guidance_scale: float, steps: int = 20):
+    """The student's clean latents from ``noise`` (unpacked, the teacher's latent frame): Euler from t = 1 to 0, as
+    the teacher's check samples; a guidance-distilled student reads the scale, an unguided one takes true CFG."""
+    transformer, clip, t5, clip_tok, t5_tok = student
+    guided = bool(transformer.config.guidance_embeds)
+    grid = noise.shape[-1] // 2
+    image_ids, text_ids = shapes_flux.image_ids(grid, grid), torch.zeros(t5_tok.model_max_length, 3)
+    cond = shapes_flux.encode_text(clip, t5, clip_tok, t5_tok, prompts, "cpu")
+    uncond = None if guided else shapes_flux.encode_text(clip, t5, clip_tok, t5_tok, [""] * len(prompts), "cpu")
+    guidance = torch.full((len(prompts),), guidance_scale) if guided else None
+    latents = shapes_flux.pack(noise)
+    for now, after in itertools.pairwise(torch.linspace(1.0, 0.0, steps + 1)):
+        t = now.expand(len(prompts))
+        velocity = shapes_flux.predict_velocity(transformer, latents, t, cond, text_ids, image_ids, guidance)
+        if uncond is not None:
+            empty = shapes_flux.predict_velocity(transformer, latents, t, uncond, text_ids, image_ids)
+            velocity = empty + guidance_scale * (velocity - empty)
+        latents = latents + (after - now) * velocity
+    return shapes_flux.unpack(latents, grid)
+
+
+@torch.no_grad()
+def student_flow_samples(student, teacher: FlowTeacher, num_seeds: int, guidance_scale: float, steps: int = 20):
+    """Detector hits of the student sampled like the teacher's check (the same prompts and noises), and the images."""
+    cases = single_object_cases(num_seeds, seed_offset=500)
+    shape = (teacher.vae.config.latent_channels, 32, 32)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(case.seed)) for case in cases])
+    latents = student_sample(student, noise, [case.prompt for case in cases], guidance_scale, steps)
+    images = to_pixels(teacher.vae.decode(latents / teacher.scaling_factor).sample)
+    hits = sum(objects_present(detect(image), case.expected) for case, image in zip(cases, images, strict=True))
+    summary = {"hits": int(hits), "total": len(cases), "steps": steps, "guidance_scale": guidance_scale}
+    return summary, images
+
+
+@torch.no_grad()
+def pair_rows(student, teacher: FlowTeacher, pairs_path: Path, count: int, guidance_scale: float) -> list:
+    """For a reflow student: its samples from the first ``count`` training pairs' noises, and the teacher's."""
+    pairs = torch.load(pairs_path, weights_only=False)
+    noise, captions = pairs["noise"][:count], pairs["captions"][:count]
+    mine = student_sample(student, noise, captions, guidance_scale)
+    decode = teacher.vae.decode
+    return [to_pixels(decode(x / teacher.scaling_factor).sample) for x in (mine, pairs["sample"][:count])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", required=True, help="exported FluxPipeline folder or checkpoint-flux.pt")
@@ -125,6 +175,10 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="for guidance-distilled students")
     parser.add_argument("--teacher-samples", type=int, default=0, help="seeds per prompt of the teacher-as-flow check")
+    parser.add_argument("--student-samples", type=int, default=0, help="seeds per prompt of the same check, student")
+    parser.add_argument(
+        "--grid", default=None, help="PNG of the student's samples (rows of 12; a reflow student's pairs below)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -152,6 +206,22 @@ def main() -> None:
             f"The teacher's guided field sampled as a flow model (Euler, {sampled['steps']} steps from t = 1, guidance "
             f"{args.guidance_scale}): {sampled['hits']}/{sampled['total']} single-object prompts drawn right.",
         ]
+    student_sampled = None
+    if args.student_samples:
+        student_sampled, images = student_flow_samples(student, teacher, args.student_samples, args.guidance_scale)
+        lines += [
+            "",
+            f"The student sampled the same way (the same prompts and noises): {student_sampled['hits']}/"
+            f"{student_sampled['total']} single-object prompts drawn right.",
+        ]
+        if args.grid:
+            strips = [images[i : i + 12] for i in range(0, len(images) - len(images) % 12, 12)]
+            pairs_path = Path(args.student).parent / "reflow-pairs.pt"
+            if pairs_path.exists():
+                strips += pair_rows(student, teacher, pairs_path, 12, args.guidance_scale)
+            blank = np.full_like(images[0], 255)  # pads a short row (a run with fewer than 12 pairs)
+            strips = [list(strip) + [blank] * (12 - len(strip)) for strip in strips]
+            Image.fromarray(np.concatenate([np.concatenate(strip, axis=1) for strip in strips])).save(args.grid)
     table = "\n".join(lines)
     print(table)
     if args.json:
@@ -159,6 +229,8 @@ def main() -> None:
         record = {"device": device, "student": args.student, "teacher": args.teacher, "rows": rows}
         if sampled is not None:
             record["teacher_flow_samples"] = sampled
+        if student_sampled is not None:
+            record["student_flow_samples"] = student_sampled
         save_results(args.json, record, table)
 
 

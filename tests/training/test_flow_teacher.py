@@ -1,8 +1,14 @@
 """The SD teacher of the Flux-architecture shapes model: schedule mapping, velocity conversion, text encoder cut."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from attncontrol.models import SHIPPED_MODELS
 from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
@@ -311,6 +317,17 @@ def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, tea
             match = (straight - packed[row]).abs().flatten(1).amax(1) < 1e-5
             assert match.sum() == 1, f"row {row} is on no pair's path"
             assert guidance[row] == pairs["guidance"][match.nonzero()[0, 0]]
+    # The agreement bench samples the exported student like the teacher's check and draws it beside its pairs.
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "flux_teacher_agreement.py"
+    report, grid = tmp_path / "agreement.json", tmp_path / "grid.png"
+    arguments = ["--student", str(out / "pipeline"), "--scenes", "2", "--student-samples", "1", "--grid", str(grid)]
+    result = subprocess.run(
+        [sys.executable, str(script), *arguments, "--json", str(report)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(report.read_text())["student_flow_samples"]["total"] == 12
+    # 12 samples of its own, then 12 from its training pairs' noises above the teacher's samples of them.
+    assert Image.open(grid).size == (12 * 64, 3 * 64)
     with pytest.raises(ValueError, match="--reflow-pairs"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--reflow-pairs", "4"])
     with pytest.raises(ValueError, match="--reflow-pairs"):
