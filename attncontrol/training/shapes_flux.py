@@ -403,7 +403,12 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     packed = pack((latents - shift) * scaling)
     pairs = None
     if config.reflow_pairs:
-        pairs = reflow_pairs(teacher, captions, config, tuple(latents.shape[1:]), out / "reflow-pairs.pt")
+        path = out / "reflow-pairs.pt"
+        if accelerator.is_main_process:  # one process samples; the others read its file
+            pairs = reflow_pairs(teacher, captions, config, tuple(latents.shape[1:]), path)
+        accelerator.wait_for_everyone()
+        if pairs is None:
+            pairs = load_checkpoint(path)
         packed, captions = pack(pairs["sample"]), captions[: config.reflow_pairs]
         pairs = {"noise": pack(pairs["noise"]), "guidance": pairs["guidance"]}
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
@@ -582,6 +587,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 "`--reflow-pairs` samples the teacher's guided field: it needs `--teacher` with `--guidance-min/max`, "
                 "and no `--feature-weight` (no teacher pass during training)"
+            )
+        if config.grounding_weight > 0 or config.object_weight > 0:
+            raise ValueError(
+                "`--reflow-pairs` trains on the teacher's samples, not the pool's scenes: `--grounding-weight` and "
+                "`--object-weight` read the scenes' masks, so they cannot be combined with it"
             )
         if not 0 < config.reflow_pairs <= config.pool_size or config.reflow_steps < 1:
             raise ValueError(

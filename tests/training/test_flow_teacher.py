@@ -333,3 +333,6 @@ def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, tea
     with pytest.raises(ValueError, match="--reflow-pairs"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
                           "--guidance-max", "6", "--reflow-pairs", "40", "--pool-size", "20"])  # fmt: skip
+    with pytest.raises(ValueError, match="--grounding-weight"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
+                          "--guidance-max", "6", "--reflow-pairs", "4", "--grounding-weight", "0.1"])  # fmt: skip
