@@ -335,6 +335,11 @@ def encode_text(clip, t5, clip_tok, t5_tok, texts: list[str], device) -> tuple[t
     return t5(t5_ids.to(device))[0], pooled
 
 
+def draw_guidance(config: Config, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Guidance scales uniform in ``[guidance_min, guidance_max]``: per training row, or per reflow pair."""
+    return config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(count, generator=generator)
+
+
 def reflow_pairs(
     teacher: FlowTeacher,
     captions: list[str],
@@ -350,8 +355,7 @@ def reflow_pairs(
     count = config.reflow_pairs
     generator = torch.Generator().manual_seed(config.seed + 2)
     noise = torch.randn((count, *latent_shape), generator=generator)
-    spread = config.guidance_max - config.guidance_min
-    guidance = config.guidance_min + spread * torch.rand(count, generator=generator)
+    guidance = draw_guidance(config, count, generator)
     pairs = {"noise": noise, "sample": torch.empty_like(noise), "guidance": guidance, "done": 0}
     pairs["captions"] = captions[:count]
     if path.exists():
@@ -476,8 +480,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
             if pairs is not None:
                 guidance = pairs["guidance"][index].to(x0.device)
             elif config.guidance_max > 0:
-                guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(len(x0))
-                guidance = guidance.to(x0.device)
+                guidance = draw_guidance(config, len(x0)).to(x0.device)
             if teacher is not None and pairs is None:
                 scales = 1.0 if guidance is None else guidance
                 taught, inside = teacher.velocity(unpack(noisy, grid), t, texts, guidance_scale=scales)
