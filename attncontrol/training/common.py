@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import inspect
+import io
 import math
 import os
 import random
+import textwrap
+import tokenize
 from contextlib import ExitStack
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -162,21 +167,69 @@ def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: 
     return base_lr * warm * (floor + (1 - floor) * decay)
 
 
+def field_comments(config_cls: type) -> dict[str, str]:
+    """Each dataclass field's comment, from the source: the comment lines right above the field and the one at the
+    end of its line, joined. The comments are where the settings are explained, so ``--help`` reads them there
+    instead of keeping a second copy that drifts. Subclasses override their bases' comments; a class whose source
+    cannot be read (a frozen app) contributes none."""
+    comments: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        line_comments: dict[int, str] = {}
+        comment_only: set[int] = set()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                row = token.start[0]
+                line_comments[row] = token.string.lstrip("#:").strip()
+                if not token.line[: token.start[1]].strip():
+                    comment_only.add(row)
+        body = ast.parse(source).body[0]
+        for node in getattr(body, "body", []):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above: list[str] = []
+            row = node.lineno - 1
+            while row in comment_only:
+                above.insert(0, line_comments[row])
+                row -= 1
+            trailing = (
+                [line_comments[node.end_lineno]]
+                if node.end_lineno not in comment_only and (node.end_lineno in line_comments)
+                else []
+            )
+            text = " ".join(part for part in above + trailing if part)
+            if text:
+                comments[node.target.id] = text
+    return comments
+
+
+def _flag_help(comment: str, value: Any) -> str:
+    shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    default = "none" if shown in ("", []) else shown
+    return f"{comment} (default: {default})".replace("%", "%%").lstrip()
+
+
 def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | None, extra: Any = None):
-    """Every dataclass field becomes a ``--flag``; ``extra(parser)`` may add more. Returns (config, args)."""
+    """Every dataclass field becomes a ``--flag`` whose help is the field's comment (:func:`field_comments`);
+    ``extra(parser)`` may add more. Returns (config, args)."""
     defaults = config_cls()
+    comments = field_comments(config_cls)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for item in fields(config_cls):
         value = getattr(defaults, item.name)
         flag = "--" + item.name.replace("_", "-")
+        text = _flag_help(comments.get(item.name, ""), value)
         if isinstance(value, tuple):
-            parser.add_argument(flag, type=type(value[0]), nargs="+", default=value)
+            parser.add_argument(flag, type=type(value[0]), nargs="+", default=value, help=text)
         elif isinstance(value, list):
-            parser.add_argument(flag, nargs="*", type=str, default=value)
+            parser.add_argument(flag, nargs="*", type=str, default=value, help=text)
         elif isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=text)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=text)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     if extra is not None:

@@ -74,29 +74,30 @@ LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 @dataclass
 class Config:
-    out: str = "runs/concepts"
-    model: str = "shapes-sd"
-    image: str = ""
-    masks: list[str] = field(default_factory=list)
-    tokens: list[str] = field(default_factory=list)  # default <asset0>, <asset1>, ...
+    out: str = "runs/concepts"  # output folder: checkpoints, masks, validation strips and the trained concepts
+    model: str = "shapes-sd"  # an SD 1.x/2.x or SDXL pipeline: shipped name, local folder or hub id
+    image: str = ""  # the one image holding the objects (required)
+    masks: list[str] = field(default_factory=list)  # one mask image per token (white: the object)
+    tokens: list[str] = field(default_factory=list)  # the new tokens, one per concept; empty: <asset0>, <asset1>, ...
     num_vectors: int = 1  # embedding vectors per token (diffusers' multi-vector textual inversion)
     initializers: list[str] = field(default_factory=list)  # a word or phrase per token; empty: rows of the table
+    # "user" (--masks), "attention" (AttenCraft, no masks) or "both" (the attention's masks inside the user's)
     mask_source: str = "user"
-    num_concepts: int = 0  # with --mask-source attention and neither masks nor tokens
-    template: str = "a photo of {}"
-    resolution: int = 0  # 0: the model's own image size
-    seed: int = 0
-    phase1_steps: int = 400
-    phase2_steps: int = 400
-    phase1_lr: float = 5e-4
-    phase2_lr: float = 1e-4
-    phase2_embedding_lr: float = 1e-4
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    lora_rank: int = 4
-    train_text_encoder: bool = False
-    full_finetune: bool = False
-    masked_loss: bool = True
+    num_concepts: int = 0  # how many concepts, with --mask-source attention and neither masks nor tokens
+    template: str = "a photo of {}"  # the training prompt; {} becomes the sampled tokens
+    resolution: int = 0  # training image size; 0: the model's own
+    seed: int = 0  # seeds the sampling of tokens, timesteps, noise and flips
+    phase1_steps: int = 400  # phase 1: only the new token embeddings train
+    phase2_steps: int = 400  # phase 2: LoRA (or all weights) and the embeddings; 0 skips it
+    phase1_lr: float = 5e-4  # the embeddings' learning rate in phase 1
+    phase2_lr: float = 1e-4  # the weights' learning rate in phase 2
+    phase2_embedding_lr: float = 1e-4  # the embeddings' learning rate in phase 2
+    weight_decay: float = 1e-2  # AdamW's weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    lora_rank: int = 4  # rank (and alpha) of the phase-2 LoRA adapters
+    train_text_encoder: bool = False  # phase 2 also adapts the text encoder(s)
+    full_finetune: bool = False  # phase 2 trains all UNet weights instead of LoRA
+    masked_loss: bool = True  # the diffusion loss only inside the sampled objects' masks (Break-A-Scene)
     masked_loss_mean: str = "image"  # "image": Break-A-Scene's mean over the latent; "mask": over the masked pixels
     max_timestep: int = 0  # > 0: training timesteps are drawn below this; 0: the whole schedule
     loss_guidance: float = 0.0  # > 0: fit the classifier-free-guided prediction at this scale (see `losses`); 0: off
@@ -107,28 +108,28 @@ class Config:
     init_search_rounds: int = 2  # passes over a token's vectors
     init_search_max_timestep: int = 750  # the search's draws stay below it: above, layout outweighs colour
     init_words: list[str] = field(default_factory=list)  # the search's candidates; empty: every whole word
-    attention_loss: str = "mse"
-    attention_weight: float = 1e-2
+    attention_loss: str = "mse"  # "mse" (Break-A-Scene), "jsd" or "none": ties each token's map to its mask
+    attention_weight: float = 1e-2  # weight of that cross-attention loss
     attention_grid: int = 0  # side of the cross-attention grid the loss uses; 0: the largest <= 16
-    sampling: str = "union"
-    hflip: bool = True
-    prior_prompt: str = ""
-    prior_images: int = 0
-    prior_weight: float = 1.0
+    sampling: str = "union"  # "union" (Break-A-Scene: a random subset), "single" or "attencraft"
+    hflip: bool = True  # flip image and masks at random
+    prior_prompt: str = ""  # class prompt of DreamBooth's prior preservation (with --prior-images)
+    prior_images: int = 0  # images of --prior-prompt made once by the untouched model; 0: off
+    prior_weight: float = 1.0  # weight of the prior-preservation loss
     mask_method: str = "cluster"  # or "propagate" (AttenCraft's margin rule); see attncontrol.concepts
     mask_samples: int = 1  # forward passes (timestep, noise) averaged per mask search
     mask_groups: int = 0  # "cluster": self-attention groups; 0: tokens + 2 (see attncontrol.concepts.attention_masks)
     mask_min_piece: float = 0.25  # drop mask pieces smaller than this fraction of the mask's largest piece
-    mask_refresh_every: int = 20
-    mask_threshold: float = 0.1
-    mask_ssim: float = 0.8
-    mask_max_timestep: int = 300
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int = 100
+    mask_refresh_every: int = 20  # steps between searches for masks from attention
+    mask_threshold: float = 0.1  # "propagate": the margin a class must win by
+    mask_ssim: float = 0.8  # a refreshed mask replaces the last only if at least this similar (SSIM)
+    mask_max_timestep: int = 300  # mask searches draw their timestep below this
+    gradient_accumulation_steps: int = 1  # steps whose gradients add up before each update
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate's mixed precision)
+    checkpoint_every: int = 100  # steps between checkpoints (--resume continues from the last one)
     validation_every: int = 0  # 0: only after training
-    validation_seeds: int = 2
-    validation_steps: int = 25
+    validation_seeds: int = 2  # seeds per validation strip (each token alone, then all)
+    validation_steps: int = 25  # sampling steps of the validation and prior images
     guidance_scale: float = 0.0  # 0: the pipeline's default
     minutes: float = 0.0  # a wall-clock cap; 0: none
 

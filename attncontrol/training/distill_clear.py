@@ -42,22 +42,22 @@ logger = logging.getLogger("attncontrol.training.distill_clear")
 
 @dataclass
 class Config:
-    out: str = "runs/clear"
+    out: str = "runs/clear"  # output folder: checkpoints, metrics.json and clear_local_{r}.safetensors
     model: str = ""  # a Flux pipeline: a local folder or a hub id (required)
-    radius: int = 16
-    seed: int = 0
-    steps: int = 2000
-    minutes: float = 60.0
-    batch: int = 4
-    lr: float = 1e-4
-    teacher_weight: float = 0.5
-    feature_weight: float = 0.5
+    radius: int = 16  # the window's radius in latent tokens (CLEAR publishes 8, 16 and 32)
+    seed: int = 0  # seeds the data, the timesteps and the noise
+    steps: int = 2000  # at most this many steps (--minutes may end it first)
+    minutes: float = 60.0  # wall-clock budget in minutes
+    batch: int = 4  # rows per step
+    lr: float = 1e-4  # learning rate of the trained weights (AdamW)
+    teacher_weight: float = 0.5  # weight of the MSE between the student's and the teacher's predictions
+    feature_weight: float = 0.5  # weight of the mean MSE of the attention outputs of every fourth single-stream block
     guidance: float = 3.5  # for guidance-distilled models (FLUX.1-dev); ignored by models without the embedding
-    pool_size: int = 2000
-    images_dir: str = ""
-    image_size: int = 0
-    checkpoint_every: int = 250
-    mixed_precision: str = "no"
+    pool_size: int = 2000  # rendered scenes (or folder images, at most) encoded once as the training set
+    images_dir: str = ""  # a folder of images with .txt captions; empty: rendered shapes scenes
+    image_size: int = 0  # images are resized to this square size; 0: the model's own
+    checkpoint_every: int = 250  # steps between checkpoints (--resume continues from the last one)
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate's mixed precision)
 
 
 def trainable_names(transformer: torch.nn.Module) -> list[str]:

@@ -43,22 +43,22 @@ logger = logging.getLogger("attncontrol.training.distill_linfusion")
 
 @dataclass
 class Config:
-    out: str = "runs/linfusion"
-    model: str = "shapes-sd"
-    seed: int = 0
-    steps: int = 2000
-    minutes: float = 40.0
-    batch: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    teacher_weight: float = 0.5
-    feature_weight: float = 0.5
+    out: str = "runs/linfusion"  # output folder: checkpoints, metrics.json and the LinFusion weights in <out>/linfusion
+    model: str = "shapes-sd"  # the teacher: an SD pipeline (shipped name, local folder or hub id)
+    seed: int = 0  # seeds the data, the timesteps and the noise
+    steps: int = 2000  # at most this many steps (--minutes may end it first)
+    minutes: float = 40.0  # wall-clock budget in minutes
+    batch: int = 16  # rows per step
+    lr: float = 1e-3  # learning rate of the trained weights (AdamW)
+    weight_decay: float = 0.0  # AdamW's weight decay
+    teacher_weight: float = 0.5  # weight of the MSE between the student's and the teacher's predictions
+    feature_weight: float = 0.5  # weight of the mean over self-attention layers of the MSE between their outputs
     projection_mid_dim: int = 0  # the MLPs' width; 0: the layer's own (LinFusion's default), -1: no MLPs
-    pool_size: int = 8000
+    pool_size: int = 8000  # rendered scenes (or folder images, at most) encoded once as the training set
     images_dir: str = ""  # a folder of images with .txt captions; empty: rendered shapes scenes
     image_size: int = 0  # images are resized to this square size; 0: the model's own
-    checkpoint_every: int = 250
-    mixed_precision: str = "no"
+    checkpoint_every: int = 250  # steps between checkpoints (--resume continues from the last one)
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate's mixed precision)
 
 
 def _encode_prompts(pipe, captions: list[str], device: torch.device) -> torch.Tensor:

@@ -68,19 +68,19 @@ logger = logging.getLogger("attncontrol.training.shapes_flux")
 @dataclass
 class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-flux"
-    vae: str = ""
+    vae: str = ""  # a saved AutoencoderKL folder to reuse instead of training one (not with --teacher)
     pool_size: int = 20000
     pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
     vocab_size: int = 16384
     max_length: int = 32
-    steps: int = 3500
-    minutes: float = 46.0
-    batch: int = 32
-    lr: float = 1e-3
-    layers: int = 2
-    single_layers: int = 4
-    heads: int = 4
-    head_dim: int = 32
+    steps: int = 3500  # transformer stage: at most this many steps (--minutes may end it first)
+    minutes: float = 46.0  # transformer stage: wall-clock budget in minutes, pool encoding included
+    batch: int = 32  # rows per step
+    lr: float = 1e-3  # learning rate (AdamW, after the warm-up)
+    layers: int = 2  # dual-stream (MMDiT) blocks
+    single_layers: int = 4  # single-stream blocks
+    heads: int = 4  # attention heads; the width is heads x head_dim
+    head_dim: int = 32  # width per head (16 left RoPE no frequency that spans a row: see the attempts record)
     # DiT's adaLN-Zero: every block starts as the identity and the output head at zero (diffusers' Flux does not).
     adaln_zero: bool = True
     # "logit-normal" (SD3's choice; measured no worse here than "uniform" in 800-step pilots) or "uniform".
@@ -108,7 +108,7 @@ class Config(ShapesTrainingConfig):
     # teacher's, and true CFG 5 amplifies exactly that difference; here the amplified direction is the target.
     # 0 and 0: off.
     guidance_min: float = 0.0
-    guidance_max: float = 0.0
+    guidance_max: float = 0.0  # see --guidance-min
     # The per-token text the joint attention reads (FluxPipeline's text_encoder_2): "t5", a small T5 trained from
     # scratch with the transformer, or (with a teacher) "teacher-clip", the teacher's CLIP hidden states, the tokens its
     # cross-attention already grounds colours and shapes on, cut like the pooled encoder (trained with --train-clip).
@@ -126,7 +126,7 @@ class Config(ShapesTrainingConfig):
     # long before the teacher's noise-to-layout decision; a paired noise has one answer. Needs --guidance-min/max
     # (each pair's scale is fed to the guidance embedding). 0: off.
     reflow_pairs: int = 0
-    reflow_steps: int = 10
+    reflow_steps: int = 10  # Euler steps of the teacher's sampling of each pair (see --reflow-pairs)
 
 
 class FeatureAlignment:

@@ -59,14 +59,14 @@ logger = logging.getLogger("attncontrol.training.shapes_sd")
 @dataclass
 class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-sd"
-    unet_steps: int = 6000
+    unet_steps: int = 6000  # denoiser stage: at most this many steps (--unet-minutes may end it first)
     # Wall-clock budget of the whole stage, pool encoding included (with the autoencoder's 12: under 90 in all).
     unet_minutes: float = 75.0
-    unet_batch: int = 32
-    unet_lr: float = 1e-3
-    min_snr_gamma: float = 5.0
-    unet_channels: tuple[int, int, int] = (32, 64, 96)
-    text_layers: int = 2
+    unet_batch: int = 32  # pool scenes per step
+    unet_lr: float = 1e-3  # learning rate of the text encoder and UNet (AdamW, after the warm-up)
+    min_snr_gamma: float = 5.0  # gamma of the min-SNR loss weighting
+    unet_channels: tuple[int, int, int] = (32, 64, 96)  # UNet channels at its three levels
+    text_layers: int = 2  # transformer layers of the CLIP text encoder, trained from scratch with the UNet
     # Weight of the text encoder's colour-binding loss (attncontrol.training.binding); 0 turns it off.
     binding_weight: float = 0.0
     # A saved pipeline whose text encoder and UNet to start from (fine-tuning); empty: fresh weights.
@@ -78,8 +78,8 @@ class Config(ShapesTrainingConfig):
     # The shipped recipe's 0.35 from step 3000 makes regions place objects (86.7% of layouts against 50.8% without
     # it) at a cost to plain two-object binding (16.2% against 26.0%): benchmarks/results/shapes-sd-training-cpu.md.
     region_fraction: float = 0.35
-    region_start: int = 3000
-    region_margin: float = 24.0
+    region_start: int = 3000  # see --region-fraction
+    region_margin: float = 24.0  # see --region-fraction
 
 
 # ---------------------------------------------------------------------------------------------------- models

@@ -32,23 +32,23 @@ logger = logging.getLogger(__name__)
 class ShapesTrainingConfig:
     """Settings every shapes-world training script shares: output, seed, autoencoder stage, data pool, bookkeeping."""
 
-    out: str = "runs/shapes"
-    seed: int = 0
-    vae_steps: int = 2500
-    vae_minutes: float = 12.0
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    vae_probe_scenes: int = 200
-    # Autoencoder channels per block (each block after the first halves the latent) and latent channels.
+    out: str = "runs/shapes"  # output folder: checkpoints, logs, metrics and the exported pipeline
+    seed: int = 0  # seeds the scenes, the initial weights and the noise: the same command gives the same run
+    vae_steps: int = 2500  # autoencoder stage: at most this many steps (--vae-minutes may end it first)
+    vae_minutes: float = 12.0  # autoencoder stage: wall-clock budget in minutes
+    vae_batch: int = 8  # scenes per autoencoder step, rendered fresh each step
+    vae_lr: float = 2e-3  # autoencoder learning rate (AdamW)
+    vae_probe_scenes: int = 200  # scenes the detector reads after an encode/decode round trip (colours must survive)
+    # Autoencoder channels per block; each block after the first halves the latent's side.
     vae_channels: tuple[int, ...] = (32, 64)
-    latent_channels: int = 4
-    pool_size: int = 30000
+    latent_channels: int = 4  # channels of the latent the denoiser works on
+    pool_size: int = 30000  # scenes rendered and encoded once: the denoiser's training set
     # Relative chances of 1, 2 and 3 objects in the denoiser's training pool (equal: the generator's uniform draw).
     pool_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Text side: CLIP BPE size and prompt length (see attncontrol.training.shapes_text).
+    # Text side: the first this-many tokens of CLIP's BPE vocabulary (see attncontrol.training.shapes_text).
     vocab_size: int = 49408
-    max_length: int = 77
-    warmup: int = 200
+    max_length: int = 77  # prompt length in tokens
+    warmup: int = 200  # steps of linear learning-rate warm-up
     # Weight of the token grounding loss (attncontrol.training.grounding); 0 turns it off.
     grounding_weight: float = 0.0
     # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
@@ -56,11 +56,12 @@ class ShapesTrainingConfig:
     grounding_start: int = 0
     # "bf16": the denoiser's forward pass under bf16 autocast (attention core in fp32), "no": fp32.
     mixed_precision: str = "no"
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 250
+    ema_decay: float = 0.999  # decay of the EMA weights that are probed and exported
+    caption_dropout: float = 0.1  # share of rows trained on the empty caption, which classifier-free guidance needs
+    checkpoint_every: int = 250  # steps between checkpoints (--resume continues from the last one)
+    # Steps between probes: single-object prompts sampled with the EMA weights and scored by the detector.
     probe_every: int = 1000
-    probe_steps: int = 20
+    probe_steps: int = 20  # sampling steps per probe image
 
 
 def latent_grid(vae) -> int:
