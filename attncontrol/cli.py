@@ -198,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {default_model()})",
     )
     gen.add_argument("--kind", choices=JOB_KINDS, default=None, help="default: from the arguments given")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="what classifier-free guidance steers away from")
     gen.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: 20; edits 50)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: 7.5; edits 1.0")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's own size)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's own size)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     gen.add_argument(
         "--heatmap",
         action="append",
@@ -218,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROMPT@WHERE",
         help="a region with its own prompt; WHERE is x0,y0,x1,y1 (relative when all <= 1) or a mask file (repeatable)",
     )
-    gen.add_argument("--region-mode", choices=("hard", "soft"), default=None)
+    gen.add_argument(
+        "--region-mode",
+        choices=("hard", "soft"),
+        default=None,
+        help="hard: a region's words are seen only inside it; soft: DenseDiffusion's logit boosts (default: hard)",
+    )
     gen.add_argument(
         "--concepts",
         default=None,
@@ -228,10 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="the real image to edit")
     gen.add_argument("--mask", default=None, help="the object to remove or move, the image's size")
     gen.add_argument("--offset", type=float, nargs=2, default=None, metavar=("DX", "DY"), help="move by pixels")
-    gen.add_argument("--target-box", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"))
+    gen.add_argument(
+        "--target-box",
+        type=float,
+        nargs=4,
+        default=None,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="move: where the object goes, in pixels (instead of --offset)",
+    )
     gen.add_argument("--reference-image", default=None, help="compose: the image holding the object")
     gen.add_argument("--reference-mask", default=None, help="compose: the object in the reference image")
-    gen.add_argument("--box", type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"))
+    gen.add_argument(
+        "--box",
+        type=float,
+        nargs=4,
+        default=None,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="compose: where the reference object goes in --image, in pixels",
+    )
     gen.add_argument(
         "--option",
         action="append",
@@ -239,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a further pipeline argument, VALUE as JSON (e.g. dilation=3) (repeatable)",
     )
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     gen.add_argument("-o", "--output", default="outputs/attncontrol.png", help="image path; maps and JSON go beside it")
     gen.set_defaults(func=generate)
 
@@ -269,11 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and two)",
     )
     bench_parser.add_argument("--num-seeds", type=int, default=17, help="seeds per prompt (default: 17)")
-    bench_parser.add_argument("--steps", type=int, default=25)
-    bench_parser.add_argument("--guidance-scale", type=float, default=5.0)
-    bench_parser.add_argument("--batch-size", type=int, default=16)
+    bench_parser.add_argument("--steps", type=int, default=25, help="sampling steps per image (default: 25)")
+    bench_parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default: 5.0)")
+    bench_parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default: 16)")
     bench_parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 length for Flux/SD3 models")
-    bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     bench_parser.add_argument("--out", default="outputs/bench", help="folder for images, report.json and report.md")
     bench_parser.set_defaults(func=bench)
 
@@ -296,15 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit_parser.add_argument("--num-cases", type=int, default=100, help="cases per task (default: 100)")
     edit_parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as DesignEdit)")
-    edit_parser.add_argument("--device", default="cpu")
+    edit_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     edit_parser.add_argument("--out", default="outputs/edit-bench", help="folder for images, report.json, report.md")
     edit_parser.set_defaults(func=edit_bench)
     app_parser = commands.add_parser("app", help="the Gradio editing app (needs `pip install attncontrol[app]`)")
     app_parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network (default: local only)")
-    app_parser.add_argument("--port", type=int, default=7860)
+    app_parser.add_argument("--port", type=int, default=7860, help="(default: 7860)")
     app_parser.add_argument("--share", action="store_true", help="a public gradio.live link")
     app_parser.add_argument("--model", default=None, help=f"the model picked at start (default: {default_model()})")
-    app_parser.add_argument("--device", default="cpu")
+    app_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     app_parser.add_argument("--outputs", default=None, help="where results and sidecars go (default: outputs/app/DAY)")
     app_parser.add_argument("--concurrency", type=int, default=1, help="requests run at once; the rest queue")
     app_parser.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones are refused")
