@@ -178,6 +178,10 @@ def app(args: argparse.Namespace) -> list[Path]:
     return []
 
 
+def _box_argument(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    parser.add_argument(flag, type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"), help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attncontrol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
@@ -233,24 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="the real image to edit")
     gen.add_argument("--mask", default=None, help="the object to remove or move, the image's size")
     gen.add_argument("--offset", type=float, nargs=2, default=None, metavar=("DX", "DY"), help="move by pixels")
-    gen.add_argument(
-        "--target-box",
-        type=float,
-        nargs=4,
-        default=None,
-        metavar=("X0", "Y0", "X1", "Y1"),
-        help="move: where the object goes, in pixels (instead of --offset)",
-    )
+    _box_argument(gen, "--target-box", "move: where the object goes, in pixels (instead of --offset)")
     gen.add_argument("--reference-image", default=None, help="compose: the image holding the object")
     gen.add_argument("--reference-mask", default=None, help="compose: the object in the reference image")
-    gen.add_argument(
-        "--box",
-        type=float,
-        nargs=4,
-        default=None,
-        metavar=("X0", "Y0", "X1", "Y1"),
-        help="compose: where the reference object goes in --image, in pixels",
-    )
+    _box_argument(gen, "--box", "compose: where the reference object goes in --image, in pixels")
     gen.add_argument(
         "--option",
         action="append",
