@@ -7,13 +7,15 @@ import ast
 import contextlib
 import inspect
 import io
+import json
+import logging
 import math
 import os
 import random
 import textwrap
 import tokenize
 from contextlib import ExitStack
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from attncontrol.shapes.bench import objects_present, single_object_cases
 from attncontrol.shapes.detector import detect
 
 ConfigT = TypeVar("ConfigT")
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -57,17 +60,53 @@ def ema_update(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, 
             ema_param.lerp_(param, 1 - decay)
 
 
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("auto", "no", "bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16). Only then does autocast pay on the CPU:
+    the shapes-sd step took 0.73x the fp32 time with AMX, and 8.8-9.5x on an AVX2 EPYC, where every bf16 op is
+    emulated (benchmarks/results/training-precision-cpu*.json). Reads Linux's /proc/cpuinfo; elsewhere False."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
+    """``"auto"`` becomes ``"bf16"`` where it is fast (a CUDA device with bf16, a CPU with native bf16) and ``"no"``
+    elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is kept, with a warning, since it runs ~10x slower
+    and the training budgets are wall-clock minutes."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    on_cuda = device.type == "cuda"
+    fast = torch.cuda.is_bf16_supported() if on_cuda else device.type == "cpu" and cpu_has_native_bf16()
+    if mixed_precision == "auto":
+        resolved = "bf16" if fast else "no"
+        logger.info("mixed precision auto: %s (%s)", resolved, "native bf16" if fast else f"no fast bf16 on {device}")
+        return resolved
+    if mixed_precision == "bf16" and not fast:
+        logger.warning(
+            "--mixed-precision bf16 on %s without native bf16: every op is emulated (about 9x the fp32 step time on an "
+            "AVX2 CPU); --mixed-precision auto or no is faster here",
+            device,
+        )
+    return mixed_precision
 
 
 def autocast(mixed_precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward pass's precision: ``"bf16"`` autocasts (weights, optimizer and loss stay fp32), ``"no"`` is fp32.
+    ``"auto"`` must have been resolved first (:func:`resolve_mixed_precision`).
 
     On CPUs with AMX, bf16 convolutions and matmuls run about 3x faster than fp32; the attention core stays fp32
     under the training controller (:func:`training_controller`), where bf16 would be slower.
     """
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    if mixed_precision not in MIXED_PRECISION[1:]:
+        raise ValueError(
+            f'`mixed_precision` must be one of {MIXED_PRECISION[1:]} (resolve "auto" first), got {mixed_precision!r}'
+        )
     if mixed_precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -238,6 +277,26 @@ def parse_config(config_cls: type[ConfigT], description: str, argv: list[str] | 
     values = {name: getattr(args, name) for name in asdict(defaults)}
     values = {k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in values.items()}
     return config_cls(**values), args
+
+
+def start_shapes_run(config_cls: type[ConfigT], description: str, argv: list[str] | None, extra: Any = None):
+    """The prelude the shapes-world training scripts share: flags, logging, threads, the accelerator, the mixed
+    precision resolved for this machine (:func:`resolve_mixed_precision`), the output folder with the settings that
+    run in ``config.json``, and the seeds. Returns (config, args, out, accelerator)."""
+    from accelerate import Accelerator
+
+    config, args = parse_config(config_cls, description, argv, extra=extra)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
+    config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, accelerator.device))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    return config, args, out, accelerator
 
 
 @torch.no_grad()

@@ -25,11 +25,10 @@ import logging
 import random
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -38,11 +37,11 @@ from attncontrol.training.common import (
     autocast,
     ema_update,
     load_checkpoint,
-    parse_config,
     probe_single_objects,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    start_shapes_run,
     training_controller,
     warmup_cosine,
 )
@@ -557,18 +556,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    from accelerate import Accelerator
-
-    config, args = parse_config(Config, __doc__, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    accelerator = Accelerator()
+    config, args, out, accelerator = start_shapes_run(Config, __doc__, argv)
     started = time.perf_counter()
     if config.loss_weighting not in ("velocity", "x0"):
         raise ValueError(f"`--loss-weighting` must be 'velocity' or 'x0', got {config.loss_weighting!r}")

@@ -54,7 +54,8 @@ class ShapesTrainingConfig:
     # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
     # the first part of the schedule can learn to draw without it.
     grounding_start: int = 0
-    # "bf16": the denoiser's forward pass under bf16 autocast (attention core in fp32), "no": fp32.
+    # "bf16": the denoiser's forward pass under bf16 autocast (attention core in fp32), "no": fp32, "auto": bf16
+    # only where this machine computes it natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16).
     mixed_precision: str = "no"
     ema_decay: float = 0.999  # decay of the EMA weights that are probed and exported
     caption_dropout: float = 0.1  # share of rows trained on the empty caption, which classifier-free guidance needs
