@@ -77,8 +77,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
     """``"auto"`` becomes ``"bf16"`` where it is fast (a CUDA device with bf16, a CPU with native bf16) and ``"no"``
-    elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is kept, with a warning, since it runs ~10x slower
-    and the training budgets are wall-clock minutes."""
+    elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is kept, with a warning, since it runs about 9x
+    slower and the training budgets are wall-clock minutes."""
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     on_cuda = device.type == "cuda"
@@ -234,11 +234,8 @@ def field_comments(config_cls: type) -> dict[str, str]:
             while row in comment_only:
                 above.insert(0, line_comments[row])
                 row -= 1
-            trailing = (
-                [line_comments[node.end_lineno]]
-                if node.end_lineno not in comment_only and (node.end_lineno in line_comments)
-                else []
-            )
+            end = node.end_lineno
+            trailing = [line_comments[end]] if end in line_comments and end not in comment_only else []
             text = " ".join(part for part in above + trailing if part)
             if text:
                 comments[node.target.id] = text
@@ -247,7 +244,7 @@ def field_comments(config_cls: type) -> dict[str, str]:
 
 def _flag_help(comment: str, value: Any) -> str:
     shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-    default = "none" if shown in ("", []) else shown
+    default = "none" if shown == "" else shown
     return f"{comment} (default: {default})".replace("%", "%%").lstrip()
 
 
