@@ -178,6 +178,9 @@ def app(args: argparse.Namespace) -> list[Path]:
     return []
 
 
+DEVICE_HELP = "torch device: cpu, cuda, cuda:1, mps (default: cpu)"
+
+
 def _box_argument(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     parser.add_argument(flag, type=float, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"), help=text)
 
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a further pipeline argument, VALUE as JSON (e.g. dilation=3) (repeatable)",
     )
-    gen.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    gen.add_argument("--device", default="cpu", help=DEVICE_HELP)
     gen.add_argument("-o", "--output", default="outputs/attncontrol.png", help="image path; maps and JSON go beside it")
     gen.set_defaults(func=generate)
 
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default: 5.0)")
     bench_parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default: 16)")
     bench_parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 length for Flux/SD3 models")
-    bench_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    bench_parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     bench_parser.add_argument("--out", default="outputs/bench", help="folder for images, report.json and report.md")
     bench_parser.set_defaults(func=bench)
 
@@ -305,15 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit_parser.add_argument("--num-cases", type=int, default=100, help="cases per task (default: 100)")
     edit_parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50, as DesignEdit)")
-    edit_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    edit_parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     edit_parser.add_argument("--out", default="outputs/edit-bench", help="folder for images, report.json, report.md")
     edit_parser.set_defaults(func=edit_bench)
     app_parser = commands.add_parser("app", help="the Gradio editing app (needs `pip install attncontrol[app]`)")
     app_parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network (default: local only)")
-    app_parser.add_argument("--port", type=int, default=7860, help="(default: 7860)")
+    app_parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     app_parser.add_argument("--share", action="store_true", help="a public gradio.live link")
     app_parser.add_argument("--model", default=None, help=f"the model picked at start (default: {default_model()})")
-    app_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    app_parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     app_parser.add_argument("--outputs", default=None, help="where results and sidecars go (default: outputs/app/DAY)")
     app_parser.add_argument("--concurrency", type=int, default=1, help="requests run at once; the rest queue")
     app_parser.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones are refused")

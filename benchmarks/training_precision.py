@@ -24,20 +24,11 @@ import torch
 import torch.nn.functional as F
 from _results import save_results
 
-from attncontrol.training.common import CPUINFO, autocast, cpu_has_native_bf16, training_controller
+from attncontrol.training.common import autocast, cpu_has_native_bf16, cpu_info, training_controller
 from attncontrol.training.shapes_sd import build_unet
 from attncontrol.training.shapes_text import shapes_clip_text_encoder
 
 MODES = ("fp32", "bf16, stock processors", "bf16, training controller")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the same x86_64 label covers AMX and AVX2-only machines)."""
-    try:
-        lines = CPUINFO.read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def main() -> None:
@@ -90,7 +81,8 @@ def main() -> None:
     if args.json:
         native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
         threads = torch.get_num_threads()
-        device = f"CPU ({cpu_model()}, {platform.machine()}, {native}, {threads} threads), torch {torch.__version__}"
+        model = cpu_info()[0] or platform.processor() or "unknown CPU"
+        device = f"CPU ({model}, {platform.machine()}, {native}, {threads} threads), torch {torch.__version__}"
         record = {"device": device, "batch": args.batch, "rounds": args.rounds, "seconds": times, "median": medians}
         save_results(args.json, record, table)
 

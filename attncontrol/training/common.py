@@ -64,15 +64,23 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """This CPU's model name and feature flags from Linux's /proc/cpuinfo (``("", set())`` elsewhere): the machine
+    label alone (x86_64) does not tell an AMX machine from an AVX2-only one, which train ~2x apart."""
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        return "", set()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16). Only then does autocast pay on the CPU:
     the shapes-sd step took 0.73x the fp32 time with AMX, and 8.8-9.5x on an AVX2 EPYC, where every bf16 op is
-    emulated (benchmarks/results/training-precision-cpu*.json). Reads Linux's /proc/cpuinfo; elsewhere False."""
-    try:
-        flags = set(CPUINFO.read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    emulated (benchmarks/results/training-precision-cpu*.json)."""
+    return bool(cpu_info()[1] & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:

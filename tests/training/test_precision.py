@@ -17,7 +17,11 @@ from attncontrol.training import common
 def cpu_flags(tmp_path, monkeypatch):
     def write(*flags: str) -> None:
         info = tmp_path / "cpuinfo"
-        info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 " + " ".join(flags) + "\n")
+        info.write_text(
+            "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse sse2 avx avx2 "
+            + " ".join(flags)
+            + "\n"
+        )
         monkeypatch.setattr(common, "CPUINFO", info)
 
     return write
@@ -31,8 +35,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(cpu_flags, flags, native):
     assert common.cpu_has_native_bf16() is native
 
 
+def test_cpu_info_reads_the_model_name(cpu_flags):
+    cpu_flags("amx_bf16")
+    model, flags = common.cpu_info()
+    assert model == "Some CPU @ 2.0GHz"
+    assert {"avx2", "amx_bf16"} <= flags
+
+
 def test_missing_cpuinfo_means_no_native_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "CPUINFO", tmp_path / "absent")
+    assert common.cpu_info() == ("", set())
     assert common.cpu_has_native_bf16() is False
 
 
