@@ -12,7 +12,6 @@ Run: python benchmarks/overhead.py [--rounds 15] [--threads 2] [--json benchmark
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from diffusers.models.attention_processor import Attention
 
 from attncontrol import AttentionController
 from attncontrol.testing import tiny_flux_pipeline, tiny_sd_pipeline
+from attncontrol.training.common import cpu_label
 
 
 def median_times(
@@ -149,7 +149,7 @@ def main() -> None:
         bench_layer("SD1.5 self-attention 4096 tok x 320 ch", 4096, 320, None, 320, args.rounds),
         bench_layer("SD1.5 cross-attention 4096 tok x 320 ch, 77 text", 4096, 320, 77, 768, args.rounds),
     ]
-    device = f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)"
+    device = cpu_label(args.threads)
     print(f"attncontrol processor overhead, empty control chain, on {device}; torch {torch.__version__}\n")
     print("| case | stock ms | controlled ms | ratio |")
     print("|---|---:|---:|---:|")

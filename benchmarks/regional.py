@@ -14,7 +14,6 @@ Run: python benchmarks/regional.py [--size 256] [--steps 5] [--rounds 3] [--json
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -24,6 +23,7 @@ from _results import save_results
 from attncontrol.controls import Region
 from attncontrol.models import SHIPPED_MODELS
 from attncontrol.pipelines import RegionalStableDiffusionPipeline
+from attncontrol.training.common import cpu_label
 
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
@@ -113,8 +113,7 @@ def main() -> None:
         )
     if args.json:
         record = {
-            "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads, "
-            f"torch {torch.__version__}",
+            "device": f"{cpu_label(args.threads)}, torch {torch.__version__}",
             "settings": {**common, "rounds": args.rounds, "model": "shapes-sd"},
             "results": results,
         }

@@ -15,7 +15,6 @@ Run: python benchmarks/training_precision.py [--rounds 5] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from contextlib import ExitStack
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from _results import save_results
 
-from attncontrol.training.common import autocast, cpu_has_native_bf16, cpu_info, training_controller
+from attncontrol.training.common import autocast, cpu_label, training_controller
 from attncontrol.training.shapes_sd import build_unet
 from attncontrol.training.shapes_text import shapes_clip_text_encoder
 
@@ -79,10 +78,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.json:
-        native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-        threads = torch.get_num_threads()
-        model = cpu_info()[0] or platform.processor() or "unknown CPU"
-        device = f"CPU ({model}, {platform.machine()}, {native}, {threads} threads), torch {torch.__version__}"
+        device = f"{cpu_label(torch.get_num_threads())}, torch {torch.__version__}"
         record = {"device": device, "batch": args.batch, "rounds": args.rounds, "seconds": times, "median": medians}
         save_results(args.json, record, table)
 

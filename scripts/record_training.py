@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from attncontrol.training.common import cpu_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     record: dict = {
-        "device": f"CPU, {torch.get_num_threads()} threads visible ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}",
+        "device": f"{cpu_label(torch.get_num_threads())}, torch {torch.__version__}",
         "command": args.command,
         "note": args.note,
         "config": json.loads((args.run / "config.json").read_text()),

@@ -40,6 +40,12 @@ def test_cpu_info_reads_the_model_name(cpu_flags):
     model, flags = common.cpu_info()
     assert model == "Some CPU @ 2.0GHz"
     assert {"avx2", "amx_bf16"} <= flags
+    # What the benchmarks and training records write as their device.
+    assert common.cpu_label(2).startswith("CPU (Some CPU @ 2.0GHz, ") and "native bf16, 2 threads)" in common.cpu_label(
+        2
+    )
+    cpu_flags()
+    assert "no native bf16" in common.cpu_label(1)
 
 
 def test_missing_cpuinfo_means_no_native_bf16(tmp_path, monkeypatch):
