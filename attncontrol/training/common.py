@@ -92,25 +92,44 @@ def cpu_label(threads: int) -> str:
     return f"CPU ({model}, {platform.machine()}, {native}, {threads} threads)"
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """A CUDA device with bf16, or a CPU with native bf16 (:func:`cpu_has_native_bf16`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def warn_if_bf16_emulated(mixed_precision: str, device: torch.device) -> None:
+    """Every training script's check: bf16 on a CPU that emulates it runs about 9x slower than fp32, and the
+    training budgets are wall-clock minutes, so a user who asked for it should hear so before the run."""
+    if mixed_precision == "bf16" and not bf16_is_fast(device):
+        logger.warning(
+            "--mixed-precision bf16 on %s without native bf16: every op is emulated (about 9x the fp32 step time on an "
+            "AVX2 CPU); fp32 (--mixed-precision no) is faster here",
+            device,
+        )
+
+
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
-    """``"auto"`` becomes ``"bf16"`` where it is fast (a CUDA device with bf16, a CPU with native bf16) and ``"no"``
-    elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is kept, with a warning, since it runs about 9x
-    slower and the training budgets are wall-clock minutes."""
+    """``"auto"`` becomes ``"bf16"`` where it is fast (:func:`bf16_is_fast`) and ``"no"`` elsewhere; an explicit
+    ``"bf16"`` is kept, with a warning where it is emulated (:func:`warn_if_bf16_emulated`)."""
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-    on_cuda = device.type == "cuda"
-    fast = torch.cuda.is_bf16_supported() if on_cuda else device.type == "cpu" and cpu_has_native_bf16()
+    fast = bf16_is_fast(device)
     if mixed_precision == "auto":
         resolved = "bf16" if fast else "no"
         logger.info("mixed precision auto: %s (%s)", resolved, "native bf16" if fast else f"no fast bf16 on {device}")
         return resolved
-    if mixed_precision == "bf16" and not fast:
-        logger.warning(
-            "--mixed-precision bf16 on %s without native bf16: every op is emulated (about 9x the fp32 step time on an "
-            "AVX2 CPU); --mixed-precision auto or no is faster here",
-            device,
-        )
+    warn_if_bf16_emulated(mixed_precision, device)
     return mixed_precision
+
+
+def save_run_config(config: Any) -> Path:
+    """Create the run's output folder (``config.out``) and write the settings that run into its ``config.json``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    return out
 
 
 def autocast(mixed_precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -305,9 +324,7 @@ def start_shapes_run(config_cls: type[ConfigT], description: str, argv: list[str
         torch.set_num_threads(args.threads)
     accelerator = Accelerator()
     config = replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, accelerator.device))
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    out = save_run_config(config)
     random.seed(config.seed)
     np.random.seed(config.seed)
     return config, args, out, accelerator

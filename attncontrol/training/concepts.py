@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,15 @@ from attncontrol.concepts import (
 )
 from attncontrol.core.errors import ConceptError
 from attncontrol.core.masks import dilate
-from attncontrol.training.common import load_checkpoint, parse_config, rng_state, save_checkpoint, set_rng_state
+from attncontrol.training.common import (
+    load_checkpoint,
+    parse_config,
+    rng_state,
+    save_checkpoint,
+    save_run_config,
+    set_rng_state,
+    warn_if_bf16_emulated,
+)
 
 logger = logging.getLogger("attncontrol.training.concepts")
 
@@ -1113,9 +1121,8 @@ def train_concepts(config: Config, resume: bool = False) -> TrainedConcepts:
     check_config(config)
     # cpu=True on a machine without CUDA: `accelerate launch` then runs the processes on the CPU over gloo
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
+    out = save_run_config(config)
     torch.manual_seed(config.seed)
     trainer = ConceptTrainer(config, accelerator)
     metrics = trainer.run(resume=resume)

@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,9 @@ from attncontrol.training.common import (
     parse_config,
     rng_state,
     save_checkpoint,
+    save_run_config,
     set_rng_state,
+    warn_if_bf16_emulated,
 )
 
 logger = logging.getLogger("attncontrol.training.distill_clear")
@@ -79,9 +81,8 @@ def distill(config: Config, resume: bool = False) -> dict:
     if not config.model:
         raise ValueError("--model is required: a Flux pipeline (local folder or hub id)")
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
+    out = save_run_config(config)
     torch.manual_seed(config.seed)
     pipe = load_pipeline(config.model)
     if not hasattr(pipe, "transformer") or not type(pipe).__name__.startswith("Flux"):

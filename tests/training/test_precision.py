@@ -70,6 +70,20 @@ def test_explicit_bf16_is_kept_with_a_warning_where_it_is_emulated(cpu_flags, ca
     assert "without native bf16" in caplog.text
 
 
+def test_the_distillers_and_concepts_warning_fires_only_for_emulated_bf16(cpu_flags, caplog):
+    """Their accelerate precisions ("no", "fp16", "bf16") pass through `warn_if_bf16_emulated` unresolved."""
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="attncontrol.training.common"):
+        cpu_flags("amx_bf16")
+        for precision in ("no", "fp16", "bf16"):
+            common.warn_if_bf16_emulated(precision, cpu)
+        cpu_flags()
+        common.warn_if_bf16_emulated("no", cpu)
+        assert caplog.text == ""
+        common.warn_if_bf16_emulated("bf16", cpu)
+    assert "without native bf16" in caplog.text
+
+
 def test_bad_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="mixed_precision"):
         common.resolve_mixed_precision("fp8", torch.device("cpu"))
