@@ -1,0 +1,83 @@
+"""Look at a shapes bench run: a prompts x seeds sheet of its images and what the detector read in them.
+
+python scripts/bench_sheet.py runs/bench --task "single object" --seeds 8 --out sheet.png
+
+The success rate says how often a model got everything right; this says how it failed. Per task it prints how many
+images hold every named colour, only named colours, nothing at all, and how many detected objects had a shape the
+detector could read (a blob of the right colour with no readable shape counts as a miss in the bench). The sheet puts
+one prompt per row and the first ``--seeds`` seeds across, so a layout that comes from the seed rather than the
+prompt shows up as a column of the same blob in every colour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+LABEL = 150  # pixels left of each row for its prompt
+
+
+def failure_summary(records: list[dict]) -> dict[str, dict[str, int]]:
+    """Per task: images, successes, images with every named colour / only named colours / no object, detected objects
+    and those with a readable shape."""
+    summary: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for record in records:
+        row = summary[record["case"]["task"]]
+        named = {color for color, _shape in record["case"]["expected"]}
+        colors = {found["color"] for found in record["detected"]}
+        row["images"] += 1
+        row["success"] += bool(record["success"])
+        row["every named colour"] += named <= colors
+        row["only named colours"] += bool(colors) and colors <= named
+        row["empty"] += not record["detected"]
+        row["objects"] += len(record["detected"])
+        row["shape read"] += sum(found["shape"] != "unknown" for found in record["detected"])
+    return {task: dict(row) for task, row in summary.items()}
+
+
+def prompt_sheet(report_dir: Path, records: list[dict], task: str, seeds: int, scale: int = 1) -> Image.Image:
+    """One row per prompt (in the report's order), its first ``seeds`` seeds across, the prompt on the left."""
+    rows: dict[str, list[dict]] = {}
+    for record in records:
+        if record["case"]["task"] == task:
+            rows.setdefault(record["case"]["prompt"], []).append(record)
+    if not rows:
+        raise ValueError(f"no records of task {task!r} in {report_dir}")
+    size = Image.open(report_dir / next(iter(rows.values()))[0]["image_path"]).size[0] * scale
+    sheet = Image.new("RGB", (LABEL + seeds * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (prompt, cases) in enumerate(rows.items()):
+        draw.text((4, row * size + size // 2 - 6), prompt[:24], fill="black")
+        for column, record in enumerate(sorted(cases, key=lambda r: r["case"]["seed"])[:seeds]):
+            image = Image.open(report_dir / record["image_path"]).convert("RGB")
+            sheet.paste(image.resize((size, size), Image.NEAREST), (LABEL + column * size, row * size))
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report_dir", type=Path, help="an `attncontrol bench --out` folder (report.json, images/)")
+    parser.add_argument("--task", default="single object", help="which task's images the sheet shows")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt on the sheet")
+    parser.add_argument("--scale", type=int, default=1, help="pixel repeat of each image on the sheet")
+    parser.add_argument("--out", type=Path, default=None, help="where to save the sheet (PNG); none: no sheet")
+    args = parser.parse_args(argv)
+
+    records = json.loads((args.report_dir / "report.json").read_text())["records"]
+    for task, row in failure_summary(records).items():
+        print(
+            f"{task}: {row['success']}/{row['images']} right; every named colour in {row['every named colour']}, "
+            f"only named colours in {row['only named colours']}, empty {row['empty']}; a readable shape in "
+            f"{row['shape read']} of {row['objects']} detected objects"
+        )
+    if args.out is not None:
+        prompt_sheet(args.report_dir, records, args.task, args.seeds, args.scale).save(args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
