@@ -126,6 +126,16 @@ class Config(ShapesTrainingConfig):
     # (each pair's scale is fed to the guidance embedding). 0: off.
     reflow_pairs: int = 0
     reflow_steps: int = 10  # Euler steps of the teacher's sampling of each pair (see --reflow-pairs)
+    # Each reflow noise is sampled with this many captions (consecutive pool captions), not one. Why: with one caption
+    # per noise the noise alone tells the student its target, and the reflow students drew the same blob for a seed
+    # whatever shape the prompt named (only the colour followed the words); a noise shared by captions of other
+    # shapes makes the words the only way to the target.
+    reflow_captions_per_noise: int = 1
+    # With --reflow-pairs: training rows whose flow time is below this take the pool's own scene (the one the pair's
+    # caption describes) with fresh noise and the data's target instead of the pair. Why: the reflow students bound
+    # colours but drew blurry shapes, having only ever seen the teacher's 8-10-step samples; the clean end, where edges
+    # are drawn, is where the data's crisp scenes teach and the pairs' one-answer noise is no longer needed. 0: off.
+    reflow_data_below: float = 0.0
 
 
 class FeatureAlignment:
@@ -348,12 +358,13 @@ def reflow_pairs(
     chunk: int = 32,
 ) -> dict[str, torch.Tensor]:
     """``noise``, ``sample`` (unpacked latents) and ``guidance`` (one scale each) for the first ``config.reflow_pairs``
-    captions: the teacher's guided field integrated from each noise. Saved to ``path`` after every chunk, so a crash
+    captions: the teacher's guided field integrated from each noise (one noise for each run of
+    ``config.reflow_captions_per_noise`` captions). Saved to ``path`` after every chunk, so a crash
     or ``--resume`` goes on where it stopped; noises and scales come from the config's seed, so a resumed file
     matches a fresh one."""
-    count = config.reflow_pairs
+    count, share = config.reflow_pairs, config.reflow_captions_per_noise
     generator = torch.Generator().manual_seed(config.seed + 2)
-    noise = torch.randn((count, *latent_shape), generator=generator)
+    noise = torch.randn((-(-count // share), *latent_shape), generator=generator).repeat_interleave(share, 0)[:count]
     guidance = draw_guidance(config, count, generator)
     pairs = {"noise": noise, "sample": torch.empty_like(noise), "guidance": guidance, "done": 0}
     pairs["captions"] = captions[:count]
@@ -404,7 +415,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         shift, scaling = 0.0, teacher.scaling_factor
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     packed = pack((latents - shift) * scaling)
-    pairs = None
+    pairs, scenes = None, None
     if config.reflow_pairs:
         path = out / "reflow-pairs.pt"
         if accelerator.is_main_process:  # one process samples; the others read its file
@@ -412,6 +423,8 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         accelerator.wait_for_everyone()
         if pairs is None:
             pairs = load_checkpoint(path)
+        if config.reflow_data_below > 0:  # row i of the pairs and of the pool share caption i
+            scenes = packed[: config.reflow_pairs]
         packed, captions = pack(pairs["sample"]), captions[: config.reflow_pairs]
         pairs = {"noise": pack(pairs["noise"]), "guidance": pairs["guidance"]}
     logger.info("flux: pool of %d scenes, %d tokens of %d channels", len(packed), packed.shape[1], packed.shape[2])
@@ -473,6 +486,10 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                 grounding.begin_step(controller, step)
             noise = torch.randn_like(x0) if pairs is None else pairs["noise"][index].to(x0.device)
             t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
+            if scenes is not None:
+                clean = (t < config.reflow_data_below)[:, None, None]
+                x0 = torch.where(clean, scenes[index].to(x0.device), x0)
+                noise = torch.where(clean, torch.randn_like(noise), noise)
             noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             target = noise - x0
             guidance = None
@@ -584,11 +601,17 @@ def main(argv: list[str] | None = None) -> None:
                 "`--reflow-pairs` trains on the teacher's samples, not the pool's scenes: `--grounding-weight` and "
                 "`--object-weight` read the scenes' masks, so they cannot be combined with it"
             )
+        if config.reflow_captions_per_noise < 1:
+            raise ValueError(f"`--reflow-captions-per-noise` must be >= 1, got {config.reflow_captions_per_noise}")
         if not 0 < config.reflow_pairs <= config.pool_size or config.reflow_steps < 1:
             raise ValueError(
                 f"need 0 < `--reflow-pairs` <= `--pool-size` ({config.pool_size}) and `--reflow-steps` >= 1, got "
                 f"{config.reflow_pairs} and {config.reflow_steps}"
             )
+    if not 0.0 <= config.reflow_data_below < 1.0 or (config.reflow_data_below > 0 and not config.reflow_pairs):
+        raise ValueError(
+            f"`--reflow-data-below` is a flow time in [0, 1) and needs `--reflow-pairs`, got {config.reflow_data_below}"
+        )
     if not 0.0 <= config.teacher_weight <= 1.0:
         raise ValueError(f"`--teacher-weight` must be between 0 and 1, got {config.teacher_weight}")
     if config.teacher:

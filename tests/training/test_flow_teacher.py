@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,33 @@ def test_reflow_pairs_resume_where_they_stopped(tmp_path, teacher, monkeypatch):
     assert sampled == [2, 2, 1]
 
 
+def test_reflow_captions_per_noise_share_one_noise_between_captions(tmp_path, teacher):
+    """--reflow-captions-per-noise 2: consecutive captions share a noise and the teacher draws each its own sample
+    from it; with 1 the pairs are the ones an older file holds (every noise its own)."""
+    from attncontrol.training import shapes_flux
+
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a red square"]
+    config = shapes_flux.Config(
+        reflow_pairs=5, reflow_steps=2, guidance_min=4.0, guidance_max=6.0, reflow_captions_per_noise=2
+    )
+    shared = shapes_flux.reflow_pairs(teacher, captions, config, (4, 8, 8), tmp_path / "shared.pt")
+    noise = shared["noise"]
+    assert torch.equal(noise[0], noise[1]) and torch.equal(noise[2], noise[3])
+    assert not torch.equal(noise[1], noise[2]) and not torch.equal(noise[3], noise[4])
+    assert (shared["sample"][0] - shared["sample"][1]).abs().mean() > 0.05  # the caption changed the sample
+    single = shapes_flux.reflow_pairs(
+        teacher, captions, replace(config, reflow_captions_per_noise=1), (4, 8, 8), tmp_path / "single.pt"
+    )
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    torch.testing.assert_close(single["noise"], torch.randn((5, 4, 8, 8), generator=generator))
+    assert torch.equal(single["noise"][0], noise[0]) and not torch.equal(single["noise"][1], noise[1])
+    with pytest.raises(ValueError, match="--reflow-captions-per-noise"):
+        shapes_flux.main([
+            "--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4", "--guidance-max", "6",
+            "--reflow-pairs", "4", "--reflow-captions-per-noise", "0",
+        ])  # fmt: skip
+
+
 def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, teacher, monkeypatch):
     """--reflow-pairs: every training row is the straight path between one pair's noise and its teacher sample,
     read with that pair's guidance scale (fresh noise would break it)."""
@@ -336,3 +364,57 @@ def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, tea
     with pytest.raises(ValueError, match="--grounding-weight"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
                           "--guidance-max", "6", "--reflow-pairs", "4", "--grounding-weight", "0.1"])  # fmt: skip
+
+
+def test_reflow_data_below_takes_the_pools_scene_with_fresh_noise_at_clean_times(tmp_path, teacher, monkeypatch):
+    """--reflow-data-below 0.5: rows at t >= 0.5 stay on their pair's straight path; rows below take the pool scene
+    of the same caption with noise no pair has, and the data's target ``noise - scene``."""
+    from attncontrol.training import shapes_flux
+
+    pool, rows = {}, []
+    encode_pool = shapes_flux.encode_pool
+    monkeypatch.setattr(shapes_flux, "encode_pool", lambda *a, **k: pool.setdefault("out", encode_pool(*a, **k)))
+    times = torch.tensor([0.2, 0.8, 0.3, 0.6])
+    monkeypatch.setattr(shapes_flux, "sample_timesteps", lambda kind, count, device: times[:count].clone())
+    texts = []
+    encode_text = shapes_flux.encode_text
+    monkeypatch.setattr(shapes_flux, "encode_text", lambda *a: texts.append(list(a[4])) or encode_text(*a))
+    flow_loss = shapes_flux.flow_loss
+    predict_velocity = shapes_flux.predict_velocity
+
+    def spy_prediction(transformer, packed, t, *rest):
+        rows.append({"noisy": packed.detach().clone(), "t": t.clone()})
+        return predict_velocity(transformer, packed, t, *rest)
+
+    def spy_loss(prediction, target, *rest):
+        rows[-1]["target"] = target.detach().clone()
+        return flow_loss(prediction, target, *rest)
+
+    monkeypatch.setattr(shapes_flux, "predict_velocity", spy_prediction)
+    monkeypatch.setattr(shapes_flux, "flow_loss", spy_loss)
+    out = tmp_path / "flux"
+    shapes_flux.main([
+        "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "6", "--batch", "4",
+        "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--guidance-min", "4",
+        "--guidance-max", "6", "--reflow-pairs", "6", "--reflow-steps", "2", "--reflow-data-below", "0.5",
+    ])  # fmt: skip
+    pairs = torch.load(out / "reflow-pairs.pt", weights_only=False)
+    noises, samples = shapes_flux.pack(pairs["noise"]), shapes_flux.pack(pairs["sample"])
+    latents, captions, _ = pool["out"]
+    scenes = shapes_flux.pack(latents * teacher.scaling_factor)
+    assert len(rows) == 2 and len(texts) == 2
+    for step, seen in enumerate(rows):
+        for row, t in enumerate(seen["t"].tolist()):
+            # noisy = (1 - t) x0 + t noise and target = noise - x0 give back the row's clean latent and noise.
+            x0 = seen["noisy"][row] - t * seen["target"][row]
+            noise = seen["noisy"][row] + (1 - t) * seen["target"][row]
+            on_pair = (samples - x0).abs().flatten(1).amax(1) < 1e-4
+            on_scene = (scenes - x0).abs().flatten(1).amax(1) < 1e-4
+            paired_noise = (noises - noise).abs().flatten(1).amax(1) < 1e-4
+            if t >= 0.5:
+                assert on_pair.sum() == 1 and torch.equal(paired_noise, on_pair), (step, row)
+            else:
+                assert on_scene.sum() == 1 and not paired_noise.any(), (step, row)
+                assert texts[step][row] == captions[on_scene.nonzero()[0, 0]]
+    with pytest.raises(ValueError, match="--reflow-data-below"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--reflow-data-below", "0.5"])
