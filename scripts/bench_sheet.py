@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-LABEL = 150  # pixels left of each row for its prompt
+LABEL = 170  # pixels left of each row for its prompt (up to three lines of 27 characters)
 
 
 def failure_summary(records: list[dict]) -> dict[str, dict[str, int]]:
@@ -51,7 +52,9 @@ def prompt_sheet(report_dir: Path, records: list[dict], task: str, seeds: int, s
     sheet = Image.new("RGB", (LABEL + seeds * size, len(rows) * size), "white")
     draw = ImageDraw.Draw(sheet)
     for row, (prompt, cases) in enumerate(rows.items()):
-        draw.text((4, row * size + size // 2 - 6), prompt[:24], fill="black")
+        lines = textwrap.wrap(prompt, 27)[:3]
+        for number, line in enumerate(lines):
+            draw.text((4, row * size + size // 2 - 6 * len(lines) + 12 * number), line, fill="black")
         for column, record in enumerate(sorted(cases, key=lambda r: r["case"]["seed"])[:seeds]):
             image = Image.open(report_dir / record["image_path"]).convert("RGB")
             sheet.paste(image.resize((size, size), Image.NEAREST), (LABEL + column * size, row * size))
