@@ -129,7 +129,8 @@ class Config(ShapesTrainingConfig):
     # Each reflow noise is sampled with this many captions (consecutive pool captions), not one. Why: with one caption
     # per noise the noise alone tells the student its target, and the reflow students drew the same blob for a seed
     # whatever shape the prompt named (only the colour followed the words); a noise shared by captions of other
-    # shapes makes the words the only way to the target.
+    # shapes makes the words the only way to the target. Measured at 4 (attempts record, run K1, 2,751 steps): the
+    # student still drew the seed's blob whatever the shape word; not enough on its own in this CPU's budget.
     reflow_captions_per_noise: int = 1
     # With --reflow-pairs: training rows whose flow time is below this take the pool's own scene (the one the pair's
     # caption describes) with fresh noise and the data's target instead of the pair. Why: the reflow students bound
