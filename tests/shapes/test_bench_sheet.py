@@ -44,10 +44,13 @@ def test_summary_and_sheet(tmp_path, capsys):
         "images": 6, "success": 2, "every named colour": 4, "only named colours": 3, "empty": 2, "objects": 5,
         "shape read": 3,
     }  # fmt: skip
+    # Red is named in 3 images and drawn in 2 of them (seed 2 is empty); in row 1 it is drawn without being named.
+    assert script.colour_presence(records) == {"single object": {"blue": (2, 3), "red": (2, 3)}}
     sheet = script.prompt_sheet(tmp_path, records, "single object", seeds=2)
     assert sheet.size == (script.LABEL + 2 * 64, 2 * 64)
     # Row 1 is the blue prompt, its seeds across: the pixel comes from that image, not another.
     assert sheet.getpixel((script.LABEL + 64 + 10, 64 + 10)) == (0, 0, 255)
     assert sheet.getpixel((script.LABEL + 10, 10)) == (255, 0, 0)
     script.main([str(tmp_path), "--out", str(tmp_path / "sheet.png")])
-    assert "2/6 right" in capsys.readouterr().out and (tmp_path / "sheet.png").exists()
+    printed = capsys.readouterr().out
+    assert "2/6 right" in printed and "blue 2/3, red 2/3" in printed and (tmp_path / "sheet.png").exists()
