@@ -132,6 +132,22 @@ def save_run_config(config: Any) -> Path:
     return out
 
 
+def start_run(config: Any):
+    """The prelude the distillers and the concepts trainer share: an accelerator for ``config.mixed_precision``, a
+    warning where this machine would emulate bf16, the output folder with ``config.json``, and the seed.
+
+    ``cpu=True`` without CUDA, so ``accelerate launch`` runs its processes on the CPU over gloo. Returns
+    (accelerator, out).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
+    out = save_run_config(config)
+    torch.manual_seed(config.seed)
+    return accelerator, out
+
+
 def autocast(mixed_precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward pass's precision: ``"bf16"`` autocasts (weights, optimizer and loss stay fp32), ``"no"`` is fp32.
     ``"auto"`` must have been resolved first (:func:`resolve_mixed_precision`).

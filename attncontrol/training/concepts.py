@@ -66,9 +66,8 @@ from attncontrol.training.common import (
     parse_config,
     rng_state,
     save_checkpoint,
-    save_run_config,
     set_rng_state,
-    warn_if_bf16_emulated,
+    start_run,
 )
 
 logger = logging.getLogger("attncontrol.training.concepts")
@@ -1116,14 +1115,8 @@ class ConceptTrainer:
 
 def train_concepts(config: Config, resume: bool = False) -> TrainedConcepts:
     """Train, export and return the trained pipeline (its LoRA and tokens still in place) with the metrics."""
-    from accelerate import Accelerator
-
     check_config(config)
-    # cpu=True on a machine without CUDA: `accelerate launch` then runs the processes on the CPU over gloo
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
-    out = save_run_config(config)
-    torch.manual_seed(config.seed)
+    accelerator, out = start_run(config)
     trainer = ConceptTrainer(config, accelerator)
     metrics = trainer.run(resume=resume)
     return TrainedConcepts(pipeline=trainer.pipe, tokens=trainer.tokens, out=out, metrics=metrics)

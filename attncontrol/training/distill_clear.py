@@ -34,9 +34,8 @@ from attncontrol.training.common import (
     parse_config,
     rng_state,
     save_checkpoint,
-    save_run_config,
     set_rng_state,
-    warn_if_bf16_emulated,
+    start_run,
 )
 
 logger = logging.getLogger("attncontrol.training.distill_clear")
@@ -70,7 +69,6 @@ def trainable_names(transformer: torch.nn.Module) -> list[str]:
 
 
 def distill(config: Config, resume: bool = False) -> dict:
-    from accelerate import Accelerator
     from safetensors.torch import save_file
 
     from attncontrol.controls.local import LocalWindowAttention
@@ -80,10 +78,7 @@ def distill(config: Config, resume: bool = False) -> dict:
 
     if not config.model:
         raise ValueError("--model is required: a Flux pipeline (local folder or hub id)")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
-    out = save_run_config(config)
-    torch.manual_seed(config.seed)
+    accelerator, out = start_run(config)
     pipe = load_pipeline(config.model)
     if not hasattr(pipe, "transformer") or not type(pipe).__name__.startswith("Flux"):
         raise ValueError(f"--model {config.model!r} is a {type(pipe).__name__}, not a Flux pipeline")

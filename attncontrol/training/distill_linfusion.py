@@ -35,9 +35,8 @@ from attncontrol.training.common import (
     parse_config,
     rng_state,
     save_checkpoint,
-    save_run_config,
     set_rng_state,
-    warn_if_bf16_emulated,
+    start_run,
 )
 
 logger = logging.getLogger("attncontrol.training.distill_linfusion")
@@ -93,16 +92,12 @@ def _folder_pool(pipe, folder: Path, size: int | None) -> tuple[torch.Tensor, li
 
 
 def distill(config: Config, resume: bool = False) -> dict:
-    from accelerate import Accelerator
 
     from attncontrol.controls.linear import LinearAttention, LinFusion
     from attncontrol.core.controller import AttentionController
     from attncontrol.models import load_pipeline
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    warn_if_bf16_emulated(config.mixed_precision, accelerator.device)
-    out = save_run_config(config)
-    torch.manual_seed(config.seed)
+    accelerator, out = start_run(config)
     pipe = load_pipeline(config.model)
     teacher = pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
