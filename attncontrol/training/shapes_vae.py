@@ -138,6 +138,8 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
     if resume and (final / "config.json").exists():
         logger.info("vae: already trained at %s", final)
         return final
+    if config.vae_colour_codes < 0:
+        raise ValueError(f"`--vae-colour-codes` is a loss weight >= 0, got {config.vae_colour_codes}")
     torch.manual_seed(seed)
     vae = build_vae(config)
     codes = palette_codes(config.latent_channels) if config.vae_colour_codes > 0 else None

@@ -52,3 +52,6 @@ def test_training_with_codes_pulls_the_encoder_towards_them(tmp_path):
             errors[weight] = float((vae.encode(images).latent_dist.mean - target).square().mean())
     # Measured: 0.96 without the loss, 0.03 with it (10 steps).
     assert errors[1.0] < 0.2 * errors[0.0]
+    with pytest.raises(ValueError, match="--vae-colour-codes"):
+        bad = dataclasses.replace(base, out=str(tmp_path / "bad"), vae_colour_codes=-1.0)
+        train_vae(bad, Accelerator(), resume=False)
