@@ -50,15 +50,15 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     cases = two_object_cases(args.num_seeds) + single_object_cases(max(1, args.num_seeds // 2))
+    empty = embeddings(pipe, "", "full")  # the unconditional branch, cut to each prompt's length below
     rows = []
     for keep in KEEP:
         right, total, drawn, named = Counter(), Counter(), Counter(), Counter()
         for case in cases:
             prompt_embeds = embeddings(pipe, case.prompt, keep)
-            empty = embeddings(pipe, "", "full")[:, : prompt_embeds.shape[1]]
             image = pipe(
                 prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=empty,
+                negative_prompt_embeds=empty[:, : prompt_embeds.shape[1]],
                 num_inference_steps=25,
                 guidance_scale=5.0,
                 height=64,
