@@ -11,8 +11,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
-# Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights).
-SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd"}
+# Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights); the first is the
+# default. shapes-flux is the DiT path's model (joint attention, CLEAR); it binds colours but draws rough shapes.
+SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd", "shapes-flux": SHIPPED_DIR / "shapes-flux"}
 # Distilled LinFusion students of shipped models (``load_linfusion(pipe, "shapes-sd")``).
 SHIPPED_LINFUSION = {"shapes-sd": SHIPPED_DIR.parent / "linfusion" / "shapes-sd"}
 # Random-weight tiny models of every family: they exercise the machinery, their pictures are noise.
@@ -54,6 +55,12 @@ def load_pipeline(model: str | None = None, *, torch_dtype: torch.dtype | None =
         if name in SHIPPED_MODELS and not (Path(source) / "model_index.json").exists():
             raise FileNotFoundError(f"the shipped model {name!r} is not in this install ({source})")
         pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype or torch.float32)
+        if name in SHIPPED_MODELS and getattr(pipeline, "unet", None) is None:
+            from attncontrol.shapes.scenes import IMAGE_SIZE
+
+            # diffusers' Flux pipeline hard-codes 128 latent pixels a side (FLUX.1's 1024 px) and keeps no size in
+            # any config; the shapes world is 64 px, which "the model's own size" must mean for shapes-flux
+            pipeline.default_sample_size = IMAGE_SIZE // pipeline.vae_scale_factor
     logger.info("loaded %s (%s)", name, type(pipeline).__name__)
     return pipeline.to(device)
 

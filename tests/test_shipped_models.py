@@ -7,7 +7,7 @@ import os
 import torch
 
 from attncontrol import AttentionController, AttentionStore
-from attncontrol.models import SHIPPED_MODELS, default_model, load_pipeline
+from attncontrol.models import SHIPPED_MODELS, default_image_size, default_model, family_call_kwargs, load_pipeline
 from attncontrol.shapes import detect
 from attncontrol.shapes.bench import objects_present
 
@@ -64,3 +64,32 @@ def test_shipped_linfusion_student_loads_and_draws_the_prompt():
         unload_linfusion(pipe)
     hits = _hits(images)
     assert sum(hits) >= 3, hits
+
+
+def test_shapes_flux_loads_offline_at_64_px_and_draws_the_named_colours():
+    """The shipped Flux-architecture model: a FluxPipeline from the package, 64 px by default (also in its regional
+    twin), joint attention on an 8x8 token grid, and it draws the prompts' colours (a random model draws none)."""
+    from diffusers import FluxPipeline
+
+    from attncontrol.pipelines import to_regional
+
+    pipe = load_pipeline("shapes-flux")
+    assert isinstance(pipe, FluxPipeline)
+    assert default_image_size(pipe) == (64, 64)
+    assert default_image_size(to_regional(pipe)) == (64, 64)
+    pipe.set_progress_bar_config(disable=True)
+    store = AttentionStore(guidance="cond")
+    with AttentionController(pipe, [store]):
+        images = pipe(
+            PROMPTS,
+            num_inference_steps=20,
+            generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
+            **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(PROMPTS)),
+        ).images
+    assert images[0].size == (64, 64)
+    colours = [
+        any(found.color == prompt.split()[1] for found in detect(image))
+        for prompt, image in zip(PROMPTS, images, strict=True)
+    ]
+    assert sum(colours) >= 3, colours  # the bench: the named colour in 198 of 204 images
+    assert store.maps().shape[1:3] == (8, 8)  # factor-4 latents, 2x2 packing: 8x8 image tokens

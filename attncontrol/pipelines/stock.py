@@ -59,5 +59,7 @@ def twin_of(pipe: Any, twins: Sequence[tuple[type, type]], what: str) -> Any:
         if isinstance(pipe, stock_cls):
             twin = twin_cls.from_pipe(pipe)
             twin.set_progress_bar_config(disable=True)
+            if hasattr(pipe, "default_sample_size"):  # from_pipe resets it; a shipped Flux model's 64 px must stay
+                twin.default_sample_size = pipe.default_sample_size
             return twin
     raise TypeError(f"{what} need an SD 1.x/2.x, SDXL or Flux pipeline, got {type(pipe).__name__}")
