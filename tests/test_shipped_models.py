@@ -93,3 +93,17 @@ def test_shapes_flux_loads_offline_at_64_px_and_draws_the_named_colours():
     ]
     assert sum(colours) >= 3, colours  # the bench: the named colour in 198 of 204 images
     assert store.maps().shape[1:3] == (8, 8)  # factor-4 latents, 2x2 packing: 8x8 image tokens
+
+
+def test_shipped_pipelines_store_fp16_weights_within_30_mb_together():
+    """The issue's budget for the two shipped models: diffusers folders with fp16 safetensors, <= 30 MB in all."""
+    from safetensors import safe_open
+
+    files = [file for path in SHIPPED_MODELS.values() for file in path.rglob("*") if file.is_file()]
+    assert sum(file.stat().st_size for file in files) <= 30e6
+    weights = [file for file in files if file.suffix == ".safetensors"]
+    assert len(weights) == 7  # shapes-sd: vae, unet, text encoder; shapes-flux: vae, transformer, CLIP, T5
+    for file in weights:
+        with safe_open(file, framework="pt") as tensors:
+            dtypes = {tensors.get_slice(name).get_dtype() for name in tensors.keys()}  # noqa: SIM118 (not a dict)
+        assert dtypes == {"F16"}, (file, dtypes)
