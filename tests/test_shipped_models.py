@@ -19,6 +19,18 @@ def _hits(images) -> list[bool]:
     return [objects_present(detect(image), [tuple(prompt.split()[1:])]) for prompt, image in pairs]
 
 
+def _sample(pipe, controls: list, **call) -> list:
+    """The four PROMPTS at fixed seeds (deterministic), 20 steps, with ``controls`` installed for the call."""
+    pipe.set_progress_bar_config(disable=True)
+    with AttentionController(pipe, controls):
+        return pipe(
+            PROMPTS,
+            num_inference_steps=20,
+            generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
+            **call,
+        ).images
+
+
 def test_shapes_sd_loads_offline_as_the_default_and_draws_the_prompt():
     from diffusers import StableDiffusionPipeline
 
@@ -28,15 +40,8 @@ def test_shapes_sd_loads_offline_as_the_default_and_draws_the_prompt():
     assert direct.unet.config.cross_attention_dim == direct.text_encoder.config.hidden_size
 
     pipe = load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     store = AttentionStore(guidance="cond")
-    with AttentionController(pipe, [store]):
-        images = pipe(
-            PROMPTS,
-            num_inference_steps=20,
-            guidance_scale=5.0,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
-        ).images
+    images = _sample(pipe, [store], guidance_scale=5.0)
     hits = _hits(images)
     # A random-weight model draws none of these; the trained one draws most (fixed seeds: deterministic).
     assert sum(hits) >= 3, hits
@@ -50,16 +55,9 @@ def test_shipped_linfusion_student_loads_and_draws_the_prompt():
 
     assert (SHIPPED_LINFUSION["shapes-sd"] / "config.json").exists()
     pipe = load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     linear = load_linfusion(pipe, "shapes-sd")
     try:
-        with AttentionController(pipe, [linear]):
-            images = pipe(
-                PROMPTS,
-                num_inference_steps=20,
-                guidance_scale=5.0,
-                generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
-            ).images
+        images = _sample(pipe, [linear], guidance_scale=5.0)
     finally:
         unload_linfusion(pipe)
     hits = _hits(images)
@@ -77,15 +75,8 @@ def test_shapes_flux_loads_offline_at_64_px_and_draws_the_named_colours():
     assert isinstance(pipe, FluxPipeline)
     assert default_image_size(pipe) == (64, 64)
     assert default_image_size(to_regional(pipe)) == (64, 64)
-    pipe.set_progress_bar_config(disable=True)
     store = AttentionStore(guidance="cond")
-    with AttentionController(pipe, [store]):
-        images = pipe(
-            PROMPTS,
-            num_inference_steps=20,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
-            **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(PROMPTS)),
-        ).images
+    images = _sample(pipe, [store], **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(PROMPTS)))
     assert images[0].size == (64, 64)
     colours = [
         any(found.color == prompt.split()[1] for found in detect(image))
