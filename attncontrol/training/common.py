@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import textwrap
+import time
 import tokenize
 from contextlib import ExitStack
 from dataclasses import asdict, fields, replace
@@ -251,10 +252,34 @@ def _metric_name(term: str) -> str:
     return term if term.endswith("_accuracy") else f"{term}_loss"
 
 
-def warmup_cosine(step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to ``floor * base_lr``."""
+class StageClock:
+    """The minutes a training stage has run, carried over ``--resume`` like its step count, so a stage's wall-clock
+    budget is a total: a resumed run stops where an uninterrupted one would, and its learning rate goes on from the
+    same point of the schedule."""
+
+    def __init__(self, spent: float = 0.0):
+        self.spent = spent  # minutes of earlier runs of the stage (from its checkpoint)
+        self.started = time.perf_counter()
+
+    def minutes(self) -> float:
+        return self.spent + (time.perf_counter() - self.started) / 60
+
+    def progress(self, step: int, steps: int, budget_minutes: float) -> float:
+        """The larger share spent of the two budgets (``warmup_cosine``'s ``progress``)."""
+        return max(step / max(1, steps), self.minutes() / budget_minutes)
+
+
+def warmup_cosine(
+    step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1, progress: float | None = None
+) -> float:
+    """Linear warm-up, then cosine decay to ``floor * base_lr``.
+
+    ``progress`` is the share of the stage's budget spent (default ``step / total``). A stage that a wall-clock budget
+    may end before its last step passes the larger of its step and time shares, so the rate reaches its floor
+    whichever runs out first instead of stopping mid-schedule on a slower machine."""
     warm = min(1.0, (step + 1) / max(1, warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+    share = step / max(1, total) if progress is None else progress
+    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, share)))
     return base_lr * warm * (floor + (1 - floor) * decay)
 
 

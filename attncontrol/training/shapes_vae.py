@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,14 @@ from attncontrol.core.masks import resize_to_grid
 from attncontrol.shapes.bench import objects_present
 from attncontrol.shapes.detector import detect
 from attncontrol.shapes.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, Scene, SceneGenerator, to_pixels, to_tensor
-from attncontrol.training.common import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from attncontrol.training.common import (
+    StageClock,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    warmup_cosine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ class ShapesTrainingConfig:
     out: str = "runs/shapes"  # output folder: checkpoints, logs, metrics and the exported pipeline
     seed: int = 0  # seeds the scenes, the initial weights and the noise: the same command gives the same run
     vae_steps: int = 2500  # autoencoder stage: at most this many steps (--vae-minutes may end it first)
-    vae_minutes: float = 12.0  # autoencoder stage: wall-clock budget in minutes
+    vae_minutes: float = 12.0  # autoencoder stage: wall-clock budget in minutes, summed over resumes like --vae-steps
     vae_batch: int = 8  # scenes per autoencoder step, rendered fresh each step
     vae_lr: float = 2e-3  # autoencoder learning rate (AdamW)
     vae_probe_scenes: int = 200  # scenes the detector reads after an encode/decode round trip (colours must survive)
@@ -145,28 +151,40 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
     codes = palette_codes(config.latent_channels) if config.vae_colour_codes > 0 else None
     factor = IMAGE_SIZE // latent_grid(vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
-    step = 0
+    step, spent = 0, 0.0
     checkpoint = out / "checkpoint-vae.pt"
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint)
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, spent = state["step"], state.get("minutes", 0.0)
         set_rng_state(state["rng"])
         logger.info("vae: resumed at step %d", step)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     model = accelerator.unwrap_model(vae)
     generator = SceneGenerator(seed)
-    started = time.perf_counter()
+    clock = StageClock(spent)
     bar = tqdm(total=steps, initial=step, desc="vae", disable=not accelerator.is_main_process)
-    while step < steps and (time.perf_counter() - started) / 60 < minutes:
+    while step < steps and clock.minutes() < minutes:
         images = to_tensor(generator.batch(step * batch, batch)).to(accelerator.device)
         posterior = model.encode(images).latent_dist
         decoded = model.decode(posterior.sample()).sample
         loss = F.mse_loss(decoded, images) + 1e-7 * posterior.kl().mean()
         if codes is not None:
             loss = loss + config.vae_colour_codes * F.mse_loss(posterior.mean, colour_code_image(images, codes, factor))
+        # The rate decays over whichever budget (steps or minutes) ends first, and the gradient is clipped. Why: at a
+        # constant 2e-3, a run that reached all 2,500 steps on a faster CPU blew up at step ~2,400 (loss 0.003 ->
+        # 0.34, round trip 1%); the slower machines had always stopped on the clock first, mid-plateau.
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(
+                step,
+                base_lr=config.vae_lr,
+                warmup=1,
+                total=steps,
+                progress=clock.progress(step, steps, minutes),
+            )
         accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         step += 1
@@ -175,7 +193,13 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
         if step % config.checkpoint_every == 0:
             save_checkpoint(
                 checkpoint,
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state()},
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "minutes": clock.minutes(),
+                    "rng": rng_state(),
+                },
             )
     bar.close()
     accuracy, pixel_error = vae_round_trip_accuracy(model, config.vae_probe_scenes)
@@ -185,7 +209,7 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
     model.save_pretrained(final)
     metrics = {
         "steps": step,
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": clock.minutes(),
         "round_trip_accuracy": accuracy,
         "pixel_error": pixel_error,
     }

@@ -41,6 +41,8 @@ def test_train_resume_and_export(tmp_path):
     out = tmp_path / "run"
     shapes_sd.main(["--out", str(out), "--unet-steps", "4", *TINY])
     assert json.loads((out / "vae_metrics.json").read_text())["steps"] == 3
+    # The autoencoder's checkpoint carries its minutes, so --vae-minutes is a total over resumes.
+    assert torch.load(out / "checkpoint-vae.pt", weights_only=False)["minutes"] > 0
     first = torch.load(out / "checkpoint-unet.pt", weights_only=False)
     assert first["step"] == 4
 
@@ -83,7 +85,14 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
         shapes_flux.main(
             ["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--timestep-sampling", "cosine"]
         )
-    assert torch.load(out / "checkpoint-flux.pt", weights_only=False)["step"] == 2
+    saved = torch.load(out / "checkpoint-flux.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["minutes"] > 0
+    # --minutes is the stage's total over resumes, like --steps: a budget the checkpoint has already spent adds no
+    # step, however many --steps allow.
+    spent = ["--minutes", str(saved["minutes"]), "--steps", "50", "--resume"]
+    shapes_flux.main([*spent, "--out", str(out), "--vae", str(sd_out / "vae"), "--pool-size", "32", "--batch", "4",
+                      "--layers", "1", "--single-layers", "1"])  # fmt: skip
+    assert json.loads((out / "flux_metrics.json").read_text())["steps"] == 2
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     config = shapes_flux.Config()
     assert pipe.tokenizer_2.model_max_length == pipe.tokenizer.model_max_length == config.max_length
@@ -173,3 +182,14 @@ def test_flux_unpack_inverts_pack():
 
     latents = torch.randn(2, 4, 8, 8)
     assert torch.equal(unpack(pack(latents), grid=4), latents)
+
+
+def test_warmup_cosine_reaches_its_floor_when_the_time_budget_runs_out_first():
+    from attncontrol.training.common import warmup_cosine
+
+    schedule = partial(warmup_cosine, base_lr=1.0, warmup=10, total=1000, floor=0.1)
+    assert schedule(5) == pytest.approx(0.6, rel=1e-3)  # warming up
+    assert schedule(500) == pytest.approx(schedule(500, progress=0.5)) == pytest.approx(0.55)
+    # A stage whose minutes end at step 300 passes progress 1 there: the rate is at its floor, not mid-decay.
+    assert schedule(300, progress=1.0) == pytest.approx(0.1)
+    assert schedule(300) > 0.7
