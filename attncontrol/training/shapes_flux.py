@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
     LossLog,
+    StageClock,
     autocast,
     ema_update,
     load_checkpoint,
@@ -78,8 +79,13 @@ class Config(ShapesTrainingConfig):
     pool_count_weights: tuple[float, float, float] = (0.3, 0.45, 0.25)
     vocab_size: int = 16384
     max_length: int = 32
-    steps: int = 6000  # transformer stage: at most this many steps (--minutes may end it first)
-    minutes: float = 64.0  # transformer stage: wall-clock budget in minutes, pool encoding included
+    # Transformer stage: at most this many steps; --minutes may end it first, and the learning rate decays over
+    # whichever of the two budgets runs out first.
+    steps: int = 20000
+    # Transformer stage: wall-clock budget in minutes, training only (the pool encode before it is not counted),
+    # summed over resumes like --steps: a resumed run stops at the same total.
+    minutes: float = 64.0
+    probe_every: int = 2000  # steps between detector probes (24 images each, time taken from the --minutes budget)
     batch: int = 32  # rows per step
     lr: float = 1e-3  # learning rate (AdamW, after the warm-up)
     layers: int = 2  # dual-stream (MMDiT) blocks
@@ -456,7 +462,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
         params += list(alignment.projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     emas = [copy.deepcopy(module).eval() for module in modules]
-    step, history = 0, []
+    step, history, spent = 0, [], 0.0
     checkpoint = out / "checkpoint-flux.pt"
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -464,7 +470,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
             module.load_state_dict(saved)
             ema.load_state_dict(saved_ema)
         optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
+        step, history, spent = state["step"], state["history"], state.get("minutes", 0.0)
         if alignment is not None:
             alignment.projector.load_state_dict(state["projector"])
         set_rng_state(state["rng"])
@@ -477,14 +483,14 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     ids = image_ids(grid, grid).to(accelerator.device)
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
-    started = time.perf_counter()
+    clock = StageClock(spent)
     log = LossLog()
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
         controller = None
         if grounding is not None or config.mixed_precision != "no":
             controller = training_controller(observing, live[0])
-        while step < config.steps and (time.perf_counter() - started) / 60 < config.minutes:
+        while step < config.steps and clock.minutes() < config.minutes:
             index = torch.randint(0, len(packed), (config.batch,))
             x0 = packed[index].to(accelerator.device)
             # A reflow pair is its caption's sample: it has no empty-caption row.
@@ -531,7 +537,13 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                 term_values["grounding"] = term.item()
             log.add({"diffusion": flow, **term_values})
             for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
+                group["lr"] = warmup_cosine(
+                    step,
+                    base_lr=config.lr,
+                    warmup=config.warmup,
+                    total=config.steps,
+                    progress=clock.progress(step, config.steps, config.minutes),
+                )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -546,7 +558,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                     config.probe_steps,
                     guidance_scale=5.0,
                 )
-                history.append(log.probe_entry(step, (time.perf_counter() - started) / 60, accuracy))
+                history.append(log.probe_entry(step, clock.minutes(), accuracy))
                 logger.info("flux: step %d loss %.4f probe %.1f%%", step, history[-1]["loss"], accuracy * 100)
             if step % config.checkpoint_every == 0:
                 save_checkpoint(
@@ -556,6 +568,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                         "emas": [m.state_dict() for m in emas],
                         "optimizer": optimizer.state_dict(),
                         "step": step,
+                        "minutes": clock.minutes(),
                         "history": history,
                         "rng": rng_state(),
                         **(
@@ -571,7 +584,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     pipeline.to(torch.float16).save_pretrained(export)
     metrics = {
         "steps": step,
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": clock.minutes(),
         **log.final(),
         "history": history,
         "transformer_params_m": sum(p.numel() for p in emas[0].parameters()) / 1e6,
