@@ -64,9 +64,10 @@ def test_shipped_linfusion_student_loads_and_draws_the_prompt():
     assert sum(hits) >= 3, hits
 
 
-def test_shapes_flux_loads_offline_at_64_px_and_draws_the_named_colours():
+def test_shapes_flux_loads_offline_at_64_px_and_draws_the_prompt():
     """The shipped Flux-architecture model: a FluxPipeline from the package, 64 px by default (also in its regional
-    twin), joint attention on an 8x8 token grid, and it draws the prompts' colours (a random model draws none)."""
+    twin), joint attention on an 8x8 token grid, and it draws the prompts' colour and shape (a random model draws
+    none)."""
     from diffusers import FluxPipeline
 
     from attncontrol.pipelines import to_regional
@@ -76,13 +77,10 @@ def test_shapes_flux_loads_offline_at_64_px_and_draws_the_named_colours():
     assert default_image_size(pipe) == (64, 64)
     assert default_image_size(to_regional(pipe)) == (64, 64)
     store = AttentionStore(guidance="cond")
-    images = _sample(pipe, [store], **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(PROMPTS)))
+    images = _sample(pipe, [store], **family_call_kwargs(pipe, {"guidance_scale": 3.0}, len(PROMPTS)))
     assert images[0].size == (64, 64)
-    colours = [
-        any(found.color == prompt.split()[1] for found in detect(image))
-        for prompt, image in zip(PROMPTS, images, strict=True)
-    ]
-    assert sum(colours) >= 3, colours  # the bench: the named colour in 198 of 204 images
+    hits = _hits(images)
+    assert sum(hits) >= 3, hits  # the bench at guidance 3: 159 of 204 single objects right
     assert store.maps().shape[1:3] == (8, 8)  # factor-4 latents, 2x2 packing: 8x8 image tokens
 
 
