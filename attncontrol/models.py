@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 # Trained shapes-world models shipped inside the package (diffusers folders with fp16 weights); the first is the
-# default. shapes-flux is the DiT path's model (joint attention, CLEAR); it binds colours but draws rough shapes.
+# default. shapes-flux is the DiT path's model (joint attention, CLEAR): single objects, rough multi-object scenes.
 SHIPPED_MODELS = {"shapes-sd": SHIPPED_DIR / "shapes-sd", "shapes-flux": SHIPPED_DIR / "shapes-flux"}
 # Distilled LinFusion students of shipped models (``load_linfusion(pipe, "shapes-sd")``).
 SHIPPED_LINFUSION = {"shapes-sd": SHIPPED_DIR.parent / "linfusion" / "shapes-sd"}

@@ -70,7 +70,7 @@ class Config(ShapesTrainingConfig):
     out: str = "runs/shapes-flux"
     vae: str = ""  # a saved AutoencoderKL folder to reuse instead of training one (not with --teacher)
     # The shipped model's autoencoder: factor 4 (an 8x8 grid of 64 image tokens, steps about 3x cheaper than factor
-    # 2's 256) with 8 latent channels, the colour codes on (every colour drawn in 198 of 204 bench images, where the
+    # 2's 256) with 8 latent channels, the colour codes on (every colour drawn in 204 of 204 bench images, where the
     # uncoded latents gave blue and blank backgrounds).
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 8  # channels of the latent the transformer works on (4 of them hold the colour codes)
