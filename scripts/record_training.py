@@ -49,12 +49,13 @@ def main() -> None:
             total += float(metrics["minutes"])
     if args.log is not None:
         # The log's "done in" is the whole command: the denoiser stage with its pool rendering and encoding, and the
-        # autoencoder too when the same command trained it (no --vae-run).
-        found = re.findall(r"done in ([0-9.]+) minutes", args.log.read_text(errors="replace"))
+        # autoencoder too when the same command trained it (its "vae: N steps" line is then in the log).
+        text = args.log.read_text(errors="replace")
+        found = re.findall(r"done in ([0-9.]+) minutes", text)
         if found:
             command_minutes = float(found[-1])
             vae_minutes = float(record["vae"]["minutes"]) if "vae" in record else 0.0
-            if args.vae_run is None:
+            if re.search(r"vae: [0-9]+ steps, round-trip", text):
                 record["denoiser_stage_wall_minutes"] = round(command_minutes - vae_minutes, 1)
                 total = command_minutes
             else:
