@@ -253,20 +253,25 @@ def _metric_name(term: str) -> str:
 
 
 class StageClock:
-    """The minutes a training stage has run, carried over ``--resume`` like its step count, so a stage's wall-clock
-    budget is a total: a resumed run stops where an uninterrupted one would, and its learning rate goes on from the
-    same point of the schedule."""
+    """A training stage's two budgets, steps and wall-clock minutes, with the minutes carried over ``--resume`` like
+    the step count: a resumed run stops where an uninterrupted one would, and its learning rate goes on from the same
+    point of the schedule."""
 
-    def __init__(self, spent: float = 0.0):
+    def __init__(self, steps: int, budget_minutes: float, spent: float = 0.0):
+        self.steps, self.budget_minutes = steps, budget_minutes
         self.spent = spent  # minutes of earlier runs of the stage (from its checkpoint)
         self.started = time.perf_counter()
 
     def minutes(self) -> float:
         return self.spent + (time.perf_counter() - self.started) / 60
 
-    def progress(self, step: int, steps: int, budget_minutes: float) -> float:
+    def running(self, step: int) -> bool:
+        """Whether both budgets have room for another step."""
+        return step < self.steps and self.minutes() < self.budget_minutes
+
+    def progress(self, step: int) -> float:
         """The larger share spent of the two budgets (``warmup_cosine``'s ``progress``)."""
-        return max(step / max(1, steps), self.minutes() / budget_minutes)
+        return max(step / max(1, self.steps), self.minutes() / self.budget_minutes)
 
 
 def warmup_cosine(

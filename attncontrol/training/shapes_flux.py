@@ -483,14 +483,14 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     ids = image_ids(grid, grid).to(accelerator.device)
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
-    clock = StageClock(spent)
+    clock = StageClock(config.steps, config.minutes, spent)
     log = LossLog()
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
         controller = None
         if grounding is not None or config.mixed_precision != "no":
             controller = training_controller(observing, live[0])
-        while step < config.steps and clock.minutes() < config.minutes:
+        while clock.running(step):
             index = torch.randint(0, len(packed), (config.batch,))
             x0 = packed[index].to(accelerator.device)
             # A reflow pair is its caption's sample: it has no empty-caption row.
@@ -542,7 +542,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
                     base_lr=config.lr,
                     warmup=config.warmup,
                     total=config.steps,
-                    progress=clock.progress(step, config.steps, config.minutes),
+                    progress=clock.progress(step),
                 )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)

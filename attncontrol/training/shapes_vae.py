@@ -163,9 +163,9 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
     vae, optimizer = accelerator.prepare(vae, optimizer)
     model = accelerator.unwrap_model(vae)
     generator = SceneGenerator(seed)
-    clock = StageClock(spent)
+    clock = StageClock(steps, minutes, spent)
     bar = tqdm(total=steps, initial=step, desc="vae", disable=not accelerator.is_main_process)
-    while step < steps and clock.minutes() < minutes:
+    while clock.running(step):
         images = to_tensor(generator.batch(step * batch, batch)).to(accelerator.device)
         posterior = model.encode(images).latent_dist
         decoded = model.decode(posterior.sample()).sample
@@ -181,7 +181,7 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
                 base_lr=config.vae_lr,
                 warmup=1,
                 total=steps,
-                progress=clock.progress(step, steps, minutes),
+                progress=clock.progress(step),
             )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), 1.0)
