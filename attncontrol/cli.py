@@ -132,6 +132,7 @@ def bench(args: argparse.Namespace) -> list[Path]:
         model_name=args.model or default_model(),
         tasks=args.task or ["single", "two"],
         num_seeds=args.num_seeds,
+        seed_offset=args.seed_offset,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
@@ -281,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and two)",
     )
     bench_parser.add_argument("--num-seeds", type=int, default=17, help="seeds per prompt (default: 17)")
+    bench_parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="add this to every seed: choose settings on held-out seeds, report on the default ones (default: 0)",
+    )
     bench_parser.add_argument("--steps", type=int, default=25, help="sampling steps per image (default: 25)")
     bench_parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default: 5.0)")
     bench_parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default: 16)")

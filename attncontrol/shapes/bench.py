@@ -79,7 +79,9 @@ class BenchReport:
     def markdown(self) -> str:
         lines = [
             f"shapes-world bench of `{self.model}` ({self.settings.get('num_inference_steps')} steps, "
-            f"guidance {self.settings.get('guidance_scale')}, {self.seconds:.0f} s)",
+            f"guidance {self.settings.get('guidance_scale')}"
+            + (f", seeds from {self.settings['seed_offset']}" if self.settings.get("seed_offset") else "")
+            + f", {self.seconds:.0f} s)",
             "",
             "| task | success | n | rate | 95% CI |",
             "|---|---:|---:|---:|---|",
@@ -257,13 +259,18 @@ def placement_cases(num_seeds: int, *, use_regions: bool = True, seed_offset: in
     ]
 
 
-TASKS: dict[str, Callable[[int], list[BenchCase]]] = {
+# Each task's cases: called as TASKS[task](num_seeds, seed_offset=...).
+TASKS: dict[str, Callable[..., list[BenchCase]]] = {
     "single": single_object_cases,
     "two": two_object_cases,
     "layout": layout_cases,
-    "layout-baseline": lambda num_seeds: layout_cases(num_seeds, use_regions=False),
+    "layout-baseline": lambda num_seeds, *, seed_offset=0: layout_cases(
+        num_seeds, use_regions=False, seed_offset=seed_offset
+    ),
     "placement": placement_cases,
-    "placement-baseline": lambda num_seeds: placement_cases(num_seeds, use_regions=False),
+    "placement-baseline": lambda num_seeds, *, seed_offset=0: placement_cases(
+        num_seeds, use_regions=False, seed_offset=seed_offset
+    ),
 }
 # Tasks whose report row is compared with a baseline row of the same cases (difference with a 95% interval).
 BASELINES = {"layout": "layout baseline", "placement": "placement baseline"}
@@ -324,6 +331,7 @@ def run_bench(
     model_name: str = "pipeline",
     tasks: Sequence[str] = ("single", "two"),
     num_seeds: int = 17,
+    seed_offset: int = 0,
     num_inference_steps: int = 25,
     guidance_scale: float = 5.0,
     batch_size: int = 16,
@@ -333,8 +341,9 @@ def run_bench(
 ) -> BenchReport:
     """Generate every case of ``tasks`` with ``pipe`` and score the images.
 
-    With ``out_dir``, images go to ``out_dir/images/<task>/<index>.png`` and the full report to
-    ``out_dir/report.json`` and ``out_dir/report.md``.
+    ``seed_offset`` shifts every case's seed: settings (a guidance scale, a step count) chosen on other seeds than
+    the reported ones are not fitted to them. With ``out_dir``, images go to ``out_dir/images/<task>/<index>.png``
+    and the full report to ``out_dir/report.json`` and ``out_dir/report.md``.
     """
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
@@ -351,7 +360,7 @@ def run_bench(
     started = time.perf_counter()
     rows, records = [], []
     for task in tasks:
-        cases = TASKS[task](num_seeds)
+        cases = TASKS[task](num_seeds, seed_offset=seed_offset)
         images = generate_images(pipe, cases, batch_size=batch_size, call_kwargs=call_kwargs, progress=progress)
         successes = 0
         for index, (case, image) in enumerate(zip(cases, images, strict=True)):
@@ -369,6 +378,8 @@ def run_bench(
         logger.info("%s: %d/%d", cases[0].task, successes, len(cases))
     settings = {key: value for key, value in call_kwargs.items() if isinstance(value, (int, float, str, bool))}
     settings["num_seeds"] = num_seeds
+    if seed_offset:
+        settings["seed_offset"] = seed_offset
     report = BenchReport(model_name, settings, rows, records, time.perf_counter() - started)
     if out is not None:
         report.save(out)

@@ -14,6 +14,7 @@ from attncontrol.shapes import ObjectSpec, render
 from attncontrol.shapes.bench import (
     BASELINES,
     QUADRANTS,
+    TASKS,
     case_success,
     difference_interval,
     layout_cases,
@@ -61,6 +62,14 @@ def test_suites_have_the_promised_sizes():
     two = two_object_cases(5)
     assert len({case.prompt for case in two}) == 24
     assert all(a[0] != b[0] for case in two for a, b in [case.expected])
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_shifts_its_seeds_by_the_offset(task):
+    # Held-out seeds (`--seed-offset`) for choosing settings: the same cases, every seed moved, none left behind.
+    plain, shifted = TASKS[task](2), TASKS[task](2, seed_offset=1000)
+    assert [case.seed + 1000 for case in plain] == [case.seed for case in shifted]
+    assert [case.prompt for case in plain] == [case.prompt for case in shifted]
 
 
 def test_a_perfect_renderer_scores_everything_and_files_are_written(tmp_path):
