@@ -84,7 +84,11 @@ class Config(ShapesTrainingConfig):
     steps: int = 20000
     # Transformer stage: wall-clock budget in minutes, training only (the pool encode before it is not counted),
     # summed over resumes like --steps: a resumed run stops at the same total.
-    minutes: float = 64.0
+    minutes: float = 80.0
+    # The whole command's wall clock (0: no cap), from the start of training: when the autoencoder and the pool encode
+    # leave the transformer less than --minutes, its stage ends (and its rate decays) that much sooner, so the command
+    # stays inside the 90-minute budget on a slower CPU too. Per invocation: a resume gets its own.
+    total_minutes: float = 89.0
     probe_every: int = 2000  # steps between detector probes (24 images each, time taken from the --minutes budget)
     batch: int = 32  # rows per step
     lr: float = 1e-3  # learning rate (AdamW, after the warm-up)
@@ -402,7 +406,10 @@ def reflow_pairs(
     return pairs
 
 
-def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | None, resume: bool) -> dict:
+def train_transformer(
+    config: Config, accelerator, out: Path, vae_path: Path | None, resume: bool, started: float | None = None
+) -> dict:
+    """Train the transformer stage; ``started`` is the command's ``perf_counter`` start, for ``--total-minutes``."""
     from diffusers import AutoencoderKL
 
     teacher = None
@@ -483,7 +490,7 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     ids = image_ids(grid, grid).to(accelerator.device)
     text_ids = torch.zeros(config.max_length, 3, device=accelerator.device)
 
-    clock = StageClock(config.steps, config.minutes, spent)
+    clock = StageClock(config.steps, transformer_budget(config, spent, started), spent)
     log = LossLog()
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
@@ -594,9 +601,29 @@ def train_transformer(config: Config, accelerator, out: Path, vae_path: Path | N
     return metrics
 
 
+def transformer_budget(config: Config, spent: float, started: float | None) -> float:
+    """The transformer stage's minutes: ``--minutes``, or less when ``--total-minutes`` leaves less room after the
+    stages before it (``spent``: the stage's minutes from its checkpoint, which this invocation does not repeat)."""
+    if config.total_minutes <= 0 or started is None:
+        return config.minutes
+    room = config.total_minutes - (time.perf_counter() - started) / 60
+    budget = max(0.0, min(config.minutes, spent + room))
+    if budget < config.minutes:
+        logger.warning(
+            "flux: %.1f of `--total-minutes` %g are left: the transformer stage gets %.1f minutes, not `--minutes` %g",
+            max(0.0, room),
+            config.total_minutes,
+            budget,
+            config.minutes,
+        )
+    return budget
+
+
 def main(argv: list[str] | None = None) -> None:
     config, args, out, accelerator = start_shapes_run(Config, __doc__, argv)
     started = time.perf_counter()
+    if config.total_minutes < 0:
+        raise ValueError(f"`--total-minutes` must be >= 0 (0: no cap), got {config.total_minutes}")
     if config.loss_weighting not in ("velocity", "x0"):
         raise ValueError(f"`--loss-weighting` must be 'velocity' or 'x0', got {config.loss_weighting!r}")
     if config.sequence_encoder not in ("t5", "teacher-clip"):
@@ -646,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"`--vae` {vae_path} is not a saved AutoencoderKL folder")
     else:
         vae_path = train_vae(config, accelerator, resume=args.resume)
-    train_transformer(config, accelerator, out, vae_path, args.resume)
+    train_transformer(config, accelerator, out, vae_path, args.resume, started)
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
 
 

@@ -93,6 +93,14 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     shapes_flux.main([*spent, "--out", str(out), "--vae", str(sd_out / "vae"), "--pool-size", "32", "--batch", "4",
                       "--layers", "1", "--single-layers", "1"])  # fmt: skip
     assert json.loads((out / "flux_metrics.json").read_text())["steps"] == 2
+    # --total-minutes caps the whole command: with the stages before it already past the cap, the transformer adds no
+    # step even where --minutes and --steps leave plenty.
+    shapes_flux.main([*spent[2:], "--minutes", "50", "--total-minutes", "1e-6", "--out", str(out),
+                      "--vae", str(sd_out / "vae"), "--pool-size", "32", "--batch", "4", "--layers", "1",
+                      "--single-layers", "1"])  # fmt: skip
+    assert json.loads((out / "flux_metrics.json").read_text())["steps"] == 2
+    with pytest.raises(ValueError, match="total-minutes"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--total-minutes", "-1"])
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     config = shapes_flux.Config()
     assert pipe.tokenizer_2.model_max_length == pipe.tokenizer.model_max_length == config.max_length
