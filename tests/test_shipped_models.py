@@ -77,10 +77,10 @@ def test_shapes_flux_loads_offline_at_64_px_and_draws_the_prompt():
     assert default_image_size(pipe) == (64, 64)
     assert default_image_size(to_regional(pipe)) == (64, 64)
     store = AttentionStore(guidance="cond")
-    images = _sample(pipe, [store], **family_call_kwargs(pipe, {"guidance_scale": 3.0}, len(PROMPTS)))
+    images = _sample(pipe, [store], **family_call_kwargs(pipe, {"guidance_scale": 4.0}, len(PROMPTS)))
     assert images[0].size == (64, 64)
     hits = _hits(images)
-    assert sum(hits) >= 3, hits  # the bench at guidance 3: 159 of 204 single objects right
+    assert sum(hits) >= 3, hits  # the bench at guidance 4: 169 of 204 single objects right
     assert store.maps().shape[1:3] == (8, 8)  # factor-4 latents, 2x2 packing: 8x8 image tokens
 
 
