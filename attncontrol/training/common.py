@@ -273,6 +273,16 @@ class StageClock:
         """The larger share spent of the two budgets (``warmup_cosine``'s ``progress``)."""
         return max(step / max(1, self.steps), self.minutes() / self.budget_minutes)
 
+    def learning_rate(self, step: int, *, base_lr: float, warmup: int) -> float:
+        """:func:`warmup_cosine` over this stage's budgets: the rate reaches its floor whichever budget ends first."""
+        return warmup_cosine(step, base_lr=base_lr, warmup=warmup, total=self.steps, progress=self.progress(step))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``optimizer`` the rate ``lr`` (the schedules here are set per step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
 
 def warmup_cosine(
     step: int, *, base_lr: float, warmup: int, total: int, floor: float = 0.1, progress: float | None = None

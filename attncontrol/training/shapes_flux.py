@@ -41,10 +41,10 @@ from attncontrol.training.common import (
     probe_single_objects,
     rng_state,
     save_checkpoint,
+    set_learning_rate,
     set_rng_state,
     start_shapes_run,
     training_controller,
-    warmup_cosine,
 )
 from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
@@ -543,14 +543,7 @@ def train_transformer(
             if term is not None:
                 term_values["grounding"] = term.item()
             log.add({"diffusion": flow, **term_values})
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(
-                    step,
-                    base_lr=config.lr,
-                    warmup=config.warmup,
-                    total=config.steps,
-                    progress=clock.progress(step),
-                )
+            set_learning_rate(optimizer, clock.learning_rate(step, base_lr=config.lr, warmup=config.warmup))
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -42,6 +42,7 @@ from attncontrol.training.common import (
     probe_single_objects,
     rng_state,
     save_checkpoint,
+    set_learning_rate,
     set_rng_state,
     start_shapes_run,
     training_controller,
@@ -279,8 +280,9 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
                 rows.labels[torch.tensor([not text for text in texts])] = -100  # dropped captions bind nothing
                 binding = (head, rows)
             loss, terms = _losses(config, unet, scheduler, batch, encoder_states, grounding, binding, index, texts)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
+            set_learning_rate(
+                optimizer, warmup_cosine(step, base_lr=config.unet_lr, warmup=config.warmup, total=config.unet_steps)
+            )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()

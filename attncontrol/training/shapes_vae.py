@@ -27,8 +27,8 @@ from attncontrol.training.common import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    set_learning_rate,
     set_rng_state,
-    warmup_cosine,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,14 +175,7 @@ def train_vae(config: ShapesTrainingConfig, accelerator, *, resume: bool) -> Pat
         # The rate decays over whichever budget (steps or minutes) ends first, and the gradient is clipped. Why: at a
         # constant 2e-3, a run that reached all 2,500 steps on a faster CPU blew up at step ~2,400 (loss 0.003 ->
         # 0.34, round trip 1%); the slower machines had always stopped on the clock first, mid-plateau.
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(
-                step,
-                base_lr=config.vae_lr,
-                warmup=1,
-                total=steps,
-                progress=clock.progress(step),
-            )
+        set_learning_rate(optimizer, clock.learning_rate(step, base_lr=config.vae_lr, warmup=1))
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
