@@ -149,6 +149,19 @@ def start_run(config: Any):
     return accelerator, out
 
 
+def finish_processes() -> None:
+    """End an ``accelerate launch`` run together: every process waits for the others (the main one validates and
+    exports alone), then the process group comes down. A process that exits while the group is still up can abort in
+    gloo's teardown ("terminate called without an active exception"), which fails the whole launch. A no-op in a plain
+    single-process run."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def autocast(mixed_precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward pass's precision: ``"bf16"`` autocasts (weights, optimizer and loss stay fp32), ``"no"`` is fp32.
     ``"auto"`` must have been resolved first (:func:`resolve_mixed_precision`).

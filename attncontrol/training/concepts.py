@@ -62,6 +62,7 @@ from attncontrol.concepts import (
 from attncontrol.core.errors import ConceptError
 from attncontrol.core.masks import dilate
 from attncontrol.training.common import (
+    finish_processes,
     load_checkpoint,
     parse_config,
     rng_state,
@@ -1137,6 +1138,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_concepts(config, resume=args.resume)
+    finish_processes()
 
 
 if __name__ == "__main__":

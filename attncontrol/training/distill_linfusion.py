@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attncontrol.training.common import (
+    finish_processes,
     layer_outputs,
     load_checkpoint,
     parse_config,
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     distill(config, resume=args.resume)
+    finish_processes()
 
 
 if __name__ == "__main__":

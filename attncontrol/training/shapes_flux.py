@@ -37,6 +37,7 @@ from attncontrol.training.common import (
     StageClock,
     autocast,
     ema_update,
+    finish_processes,
     load_checkpoint,
     probe_single_objects,
     rng_state,
@@ -668,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_path = train_vae(config, accelerator, resume=args.resume)
     train_transformer(config, accelerator, out, vae_path, args.resume, started)
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
+    finish_processes()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from attncontrol.training.common import (
     LossLog,
     autocast,
     ema_update,
+    finish_processes,
     load_checkpoint,
     probe_single_objects,
     rng_state,
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"no trained autoencoder at {vae_path}; run --stage vae first")
         train_unet(config, accelerator, out, vae_path, args.resume)
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
+    finish_processes()
 
 
 if __name__ == "__main__":
