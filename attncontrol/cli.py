@@ -95,6 +95,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
 def batch(args: argparse.Namespace) -> list[Path]:
     """Run a job file into a run folder (see :mod:`attncontrol.batch`)."""
     from attncontrol.batch import new_run_dir, run_batch, saved_jobs, validate
+    from attncontrol.training.common import finish_processes
 
     if args.jobs is None and args.resume is None:
         raise JobError("give a job file (JSONL, JSON, YAML or a sidecar), or --resume RUN_FOLDER")
@@ -111,6 +112,7 @@ def batch(args: argparse.Namespace) -> list[Path]:
         return []
     run_dir = Path(args.resume or args.out or new_run_dir())
     report = run_batch(jobs, run_dir, device=args.device, resume=args.resume is not None)
+    finish_processes()
     print(
         f"{run_dir}: {len(report.done)} done, {len(report.skipped)} already done, {len(report.failed)} failed "
         f"(manifest: {run_dir / 'manifest.json'})"
