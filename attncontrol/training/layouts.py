@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attncontrol.controls.regions import hard_text_bias, leaked_tokens
+from attncontrol.controls.regions import hard_text_bias, leaked_tokens, ownership_bias
 from attncontrol.core.control import AttentionCall, AttentionControl
 from attncontrol.core.controller import AttentionController
 from attncontrol.core.masks import cells_inside
@@ -82,7 +82,8 @@ def random_regions(
 
 
 class RegionMaskedTraining(AttentionControl):
-    """Hard region masks on the cross-attention of chosen training rows (the others are untouched).
+    """Hard region masks on the text attention of chosen training rows (UNet cross-attention, Flux's joint
+    attention); the other rows are untouched.
 
     Call :meth:`begin_step` before each forward pass with the batch's pool rows and captions; from step ``start``
     on, a ``fraction`` of the rows with objects get random regions around their objects (:func:`random_regions`).
@@ -114,7 +115,7 @@ class RegionMaskedTraining(AttentionControl):
         self._bias: dict[tuple[int, int], torch.Tensor] = {}
 
     def applies_to_layer(self, layer) -> bool:
-        return super().applies_to_layer(layer) and layer.kind == "cross"
+        return super().applies_to_layer(layer) and layer.kind in ("cross", "joint")
 
     def begin_step(self, controller: AttentionController, step: int, index: torch.Tensor, texts: Sequence[str]) -> int:
         """Choose this step's masked rows and their regions; returns how many rows are masked."""
@@ -162,18 +163,44 @@ class RegionMaskedTraining(AttentionControl):
         return cells_inside(coverage).transpose(1, 2) & self._valid[:, None, :]
 
     def logit_bias(self, call: AttentionCall, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-        if self._rows is None:
+        """The masked rows' bias, by the inference control's hard rule: image queries over text keys (UNet cross-
+        attention, and that block of Flux's joint attention), and in joint attention also text queries over image
+        keys, where an object's words see only the image tokens inside its region."""
+        text, image_q = call.key_segments.get("text"), call.query_segments.get("image")
+        if self._rows is None or text is None or image_q is None:
             return None
         batch, queries, keys = query.shape[0], query.shape[2], key.shape[2]
-        cache = (call.grid, keys)
+        cache = (call.grid, queries, keys)
         if cache not in self._bias:
-            if queries != call.grid[0] * call.grid[1] or keys > self.text_length:
+            length = text.stop - text.start
+            if image_q.stop - image_q.start != call.grid[0] * call.grid[1] or length > self.text_length:
                 raise ValueError(
-                    f"region-masked training: layer {call.layer.name} has {queries} queries on grid {call.grid} "
-                    f"and {keys} keys (text length {self.text_length})"
+                    f"region-masked training: layer {call.layer.name} has {image_q.stop - image_q.start} image "
+                    f"queries on grid {call.grid} and {length} text keys (text length {self.text_length})"
                 )
-            masked = hard_text_bias(self._inside(call.grid), self._owners[:, :keys], self._hidden[:, :keys])
+            inside = self._inside(call.grid)
+            owners, hidden = self._owners[:, :length], self._hidden[:, :length]
+            masked = torch.zeros(len(self._rows), queries, keys)
+            masked[:, image_q, text] = hard_text_bias(inside, owners, hidden)
+            text_q, image_k = call.query_segments.get("text"), call.key_segments.get("image")
+            if text_q is not None and image_k is not None:
+                masked[:, text_q, image_k] = ownership_bias(inside, owners).transpose(1, 2)
             bias = torch.zeros(batch, 1, queries, keys)
             bias[self._rows, 0] = masked
             self._bias[cache] = bias.to(device=query.device)
         return self._bias[cache].to(query.dtype)
+
+
+def region_training(
+    config: Any, captions: Sequence[str], boxes: Sequence[list[tuple[str, tuple[int, int, int, int]]]], tokenizer: Any
+) -> RegionMaskedTraining:
+    """The shapes scripts' :class:`RegionMaskedTraining` from their ``region_*`` settings, on the tokens of the text
+    encoder whose keys the masks hide (CLIP's for the UNet's cross-attention, T5's for Flux's joint attention)."""
+    return RegionMaskedTraining(
+        layout_targets(captions, boxes, tokenizer),
+        fraction=config.region_fraction,
+        start=config.region_start,
+        max_margin=config.region_margin,
+        text_length=config.max_length,
+        seed=config.seed,
+    )

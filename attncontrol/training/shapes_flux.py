@@ -49,6 +49,7 @@ from attncontrol.training.common import (
 )
 from attncontrol.training.flow_teacher import FlowTeacher, student_text_encoder
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
+from attncontrol.training.layouts import region_training, scene_boxes
 from attncontrol.training.shapes_text import (
     TEXT_HIDDEN,
     shapes_clip_text_encoder,
@@ -428,6 +429,8 @@ def train_transformer(
         per_scene["coverage"] = partial(object_coverage, grid=grid)
     if config.grounding_weight > 0:
         per_scene["objects"] = partial(scene_objects, grid=grid)
+    if config.region_fraction > 0:
+        per_scene["boxes"] = scene_boxes
     latents, captions, extras = encode_pool(
         vae, config.pool_size, config.seed + 1, config.pool_count_weights, per_scene=per_scene
     )
@@ -459,6 +462,8 @@ def train_transformer(
     if "objects" in extras:  # Flux's per-token text is T5's: its keys are the ones grounded
         targets = grounding_targets(captions, extras.pop("objects"), t5_tok, grid)
         grounding = GroundingTerm(targets, config.grounding_weight, config.grounding_start)
+    # The masks hide T5's tokens, the ones the joint attention reads.
+    regions = region_training(config, captions, extras.pop("boxes"), t5_tok) if "boxes" in extras else None
     clip.requires_grad_(config.train_clip)
     if config.sequence_encoder == "teacher-clip":
         t5.requires_grad_(config.train_clip)
@@ -496,7 +501,7 @@ def train_transformer(
     bar = tqdm(total=config.steps, initial=step, desc="flux", disable=not accelerator.is_main_process)
     with ExitStack() as observing:
         controller = None
-        if grounding is not None or config.mixed_precision != "no":
+        if grounding is not None or regions is not None or config.mixed_precision != "no":
             controller = training_controller(observing, live[0])
         while clock.running(step):
             index = torch.randint(0, len(packed), (config.batch,))
@@ -507,6 +512,8 @@ def train_transformer(
             sequence, pooled = encode_text(clip, t5, clip_tok, t5_tok, texts, accelerator.device)
             if grounding is not None:
                 grounding.begin_step(controller, step)
+            if regions is not None:
+                regions.begin_step(controller, step, index, texts)
             noise = torch.randn_like(x0) if pairs is None else pairs["noise"][index].to(x0.device)
             t = sample_timesteps(config.timestep_sampling, len(x0), x0.device)
             if scenes is not None:
@@ -639,10 +646,10 @@ def main(argv: list[str] | None = None) -> None:
                 "`--reflow-pairs` samples the teacher's guided field: it needs `--teacher` with `--guidance-min/max`, "
                 "and no `--feature-weight` (no teacher pass during training)"
             )
-        if config.grounding_weight > 0 or config.object_weight > 0:
+        if config.grounding_weight > 0 or config.object_weight > 0 or config.region_fraction > 0:
             raise ValueError(
-                "`--reflow-pairs` trains on the teacher's samples, not the pool's scenes: `--grounding-weight` and "
-                "`--object-weight` read the scenes' masks, so they cannot be combined with it"
+                "`--reflow-pairs` trains on the teacher's samples, not the pool's scenes: `--grounding-weight`, "
+                "`--object-weight` and `--region-fraction` read the scenes' masks, so they cannot be combined with it"
             )
         if config.reflow_captions_per_noise < 1:
             raise ValueError(f"`--reflow-captions-per-noise` must be >= 1, got {config.reflow_captions_per_noise}")

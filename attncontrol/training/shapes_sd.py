@@ -50,7 +50,7 @@ from attncontrol.training.common import (
     warmup_cosine,
 )
 from attncontrol.training.grounding import GroundingTerm, grounding_targets, scene_objects
-from attncontrol.training.layouts import RegionMaskedTraining, layout_targets, scene_boxes
+from attncontrol.training.layouts import region_training, scene_boxes
 from attncontrol.training.shapes_text import TEXT_HIDDEN, shapes_clip_text_encoder, shapes_clip_tokenizer
 from attncontrol.training.shapes_vae import ShapesTrainingConfig, encode_pool, latent_grid, train_vae
 
@@ -75,13 +75,12 @@ class Config(ShapesTrainingConfig):
     # The shipped model was trained with bf16 autocast on a CPU with AMX (0.73x the fp32 step time there, so 6,000
     # steps fit the budget); on a CPU without native bf16 autocast takes ~9x the fp32 time, so "auto" picks.
     mixed_precision: str = "auto"
-    # Share of the captioned rows trained through hard region masks around their objects (attncontrol.training.
-    # layouts), from step ``region_start`` on, with regions grown by up to ``region_margin`` pixels; 0 turns it off.
-    # The shipped recipe's 0.35 from step 3000 makes regions place objects (86.7% of layouts against 50.8% without
-    # it) at a cost to plain two-object binding (16.2% against 26.0%): benchmarks/results/shapes-sd-training-cpu.md.
+    # Share of the captioned rows trained through the regional control's hard masks (attncontrol.training.layouts),
+    # from step ``region_start`` on; 0 turns it off. The shipped recipe's 0.35 from step 3000 makes regions place
+    # objects (86.7% of layouts against 50.8% without it) at a cost to plain two-object binding (16.2% against 26.0%):
+    # benchmarks/results/shapes-sd-training-cpu.md.
     region_fraction: float = 0.35
     region_start: int = 3000  # see --region-fraction
-    region_margin: float = 24.0  # see --region-fraction
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -216,14 +215,7 @@ def train_unet(config: Config, accelerator, out: Path, vae_path: Path, resume: b
     bound = binding_targets(captions, extras.pop("colors"), tokenizer) if "colors" in extras else None
     regions = None
     if "boxes" in extras:
-        regions = RegionMaskedTraining(
-            layout_targets(captions, extras.pop("boxes"), tokenizer),
-            fraction=config.region_fraction,
-            start=config.region_start,
-            max_margin=config.region_margin,
-            text_length=config.max_length,
-            seed=config.seed,
-        )
+        regions = region_training(config, captions, extras.pop("boxes"), tokenizer)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling

@@ -64,6 +64,12 @@ class ShapesTrainingConfig:
     # Step from which the grounding loss is on: TokenCompose grounds a model that already draws (a fine-tune), so
     # the first part of the schedule can learn to draw without it.
     grounding_start: int = 0
+    # Share of the captioned rows trained through hard region masks around their objects (attncontrol.training.
+    # layouts): the regional control's mask at sampling time, so regions learn to say where objects go. From step
+    # ``region_start`` on, regions grown by up to ``region_margin`` pixels around each object; 0 turns it off.
+    region_fraction: float = 0.0
+    region_start: int = 0  # see --region-fraction
+    region_margin: float = 24.0  # see --region-fraction
     # "bf16": the denoiser's forward pass under bf16 autocast (attention core in fp32), "no": fp32, "auto": bf16
     # only where this machine computes it natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16).
     mixed_precision: str = "no"

@@ -59,5 +59,5 @@ def test_shapes_sd_help_reads_the_recipe_comments(capsys):
     with pytest.raises(SystemExit):
         shapes_sd.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "Share of the captioned rows trained through hard region masks" in text
+    assert "Share of the captioned rows trained through the regional control's hard masks" in text
     assert "(default: 0.35)" in text

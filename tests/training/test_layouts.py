@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import torch
 
 from attncontrol.controls.regions import hard_text_bias, leaked_tokens
+from attncontrol.core.control import AttentionControl
 from attncontrol.core.masks import resize_to_grid
 from attncontrol.core.store import AttentionStore
 from attncontrol.shapes.scenes import ObjectSpec, render
@@ -111,3 +112,70 @@ def test_training_with_region_masks_runs_and_exports(tmp_path):
     shapes_sd.main(["--out", str(out), "--unet-steps", "2", "--region-fraction", "0.5", *TINY])
     assert json.loads((out / "unet_metrics.json").read_text())["steps"] == 2
     assert (out / "pipeline" / "model_index.json").exists()
+
+
+class _JointProbs(AttentionControl):
+    """Every joint-attention call's head-averaged probabilities, with the call's segments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def applies_to_layer(self, layer) -> bool:
+        return layer.kind == "joint"
+
+    def wants_probs(self, call) -> bool:
+        return True
+
+    def observe(self, call, probs: torch.Tensor) -> None:
+        self.calls.append((call.grid, call.query_segments, call.key_segments, probs.detach().mean(1)))
+
+
+def test_flux_masked_rows_hide_object_words_outside_their_regions_both_ways():
+    """Flux's joint attention, as its regional control does at sampling time: image tokens outside a region never
+    attend its object's T5 tokens, and those tokens never attend image tokens outside it (dual- and single-stream
+    blocks); the row whose caption was dropped is untouched."""
+    from attncontrol.core.tokens import token_indices
+    from attncontrol.training import shapes_flux
+
+    config = shapes_flux.Config(layers=1, single_layers=1, adaln_zero=False)  # adaLN-Zero outputs zeros at first
+    clip, t5, clip_tok, t5_tok = shapes_flux.build_text_encoders(config)
+    targets = layout_targets([CAPTION] * 2, [scene_boxes(_scene())] * 2, t5_tok)
+    words = [token_indices(t5_tok, CAPTION, phrase, name="phrase") for phrase in ("red circle", "blue square")]
+    masking = RegionMaskedTraining(targets, fraction=1.0, max_margin=8.0, text_length=config.max_length, seed=3)
+    torch.manual_seed(0)
+    transformer = shapes_flux.build_transformer(config, latent_channels=4).eval()
+    recorder = _JointProbs()
+    packed = torch.randn(2, 64, 16)  # an 8 x 8 token grid
+    ids, text_ids = shapes_flux.image_ids(8, 8), torch.zeros(config.max_length, 3)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            text = shapes_flux.encode_text(clip, t5, clip_tok, t5_tok, [CAPTION, CAPTION], "cpu")
+            return shapes_flux.predict_velocity(transformer, packed, torch.tensor([0.7, 0.7]), text, text_ids, ids)
+
+    with ExitStack() as stack:
+        controller = training_controller(stack, transformer)
+        controller.add(recorder)
+        # Row 1's caption was dropped (for the mask): only row 0 is masked.
+        assert masking.begin_step(controller, 0, torch.tensor([0, 1]), [CAPTION, ""]) == 1
+        masked = run()
+        regions = masking._regions[0]
+    plain = run()
+    assert {call[1]["text"].stop for call in recorder.calls} == {config.max_length}
+    assert len(recorder.calls) == 2  # one dual-stream and one single-stream block
+    for grid, query_segments, key_segments, probs in recorder.calls:
+        text, image = key_segments["text"], key_segments["image"]
+        for slot, tokens in enumerate(words):
+            x0, y0, x1, y1 = regions[slot].tolist()
+            centres = torch.arange(64) + 0.5
+            plane = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
+            inside = resize_to_grid(plane.float(), grid).reshape(-1) >= 0.5
+            assert inside.any() and (~inside).any()
+            image_to_words = probs[0][query_segments["image"]][:, [text.start + t for t in tokens]]
+            words_to_image = probs[0][[query_segments["text"].start + t for t in tokens]][:, image]
+            assert image_to_words[~inside].abs().max() == 0 and image_to_words[inside].min() > 0
+            assert words_to_image[:, ~inside].abs().max() == 0 and words_to_image[:, inside].min() > 0
+            assert probs[1][image][:, [text.start + t for t in tokens]].min() > 0
+    torch.testing.assert_close(plain[1], masked[1], atol=1e-5, rtol=1e-5)
+    assert (plain[0] - masked[0]).abs().max() > 1e-4

@@ -77,9 +77,10 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
     shapes_flux.main([
         "--out", str(out), "--vae", str(sd_out / "vae"), "--steps", "3", "--pool-size", "32", "--batch", "4",
         "--probe-every", "1000", "--checkpoint-every", "2", "--layers", "1", "--single-layers", "1",
-        "--object-weight", "2", "--grounding-weight", "0.1", "--grounding-start", "1",
+        "--object-weight", "2", "--grounding-weight", "0.1", "--grounding-start", "1", "--region-fraction", "0.5",
     ])  # fmt: skip
-    # The grounding loss reads the image-query x T5-key block of the joint attention from the 2nd step on.
+    # The grounding loss reads the image-query x T5-key block of the joint attention from the 2nd step on (with half
+    # the rows seen through region masks, attncontrol.training.layouts).
     assert 0.0 < json.loads((out / "flux_metrics.json").read_text())["final_grounding_loss"] <= 1.0
     with pytest.raises(ValueError, match="timestep_sampling"):
         shapes_flux.main(
@@ -99,6 +100,8 @@ def test_flux_training_exports_a_pipeline_the_bench_can_sample(tmp_path):
                       "--vae", str(sd_out / "vae"), "--pool-size", "32", "--batch", "4", "--layers", "1",
                       "--single-layers", "1"])  # fmt: skip
     assert json.loads((out / "flux_metrics.json").read_text())["steps"] == 2
+    with pytest.raises(ValueError, match="--region-fraction"):
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--region-fraction", "-0.1"])
     with pytest.raises(ValueError, match="total-minutes"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--vae", str(sd_out / "vae"), "--total-minutes", "-1"])
     pipe = FluxPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
