@@ -7,7 +7,8 @@ seed put it, and objects that the noise puts on a region border come out as blen
 teach a model layouts by training with them. Here the layout is the attention mask itself: for a share of the
 rows, each object's colour and shape words are visible only inside a random box around that object, with the leak
 rule of the inference control (:func:`~attncontrol.controls.regions.hard_text_bias`), so at sampling time a
-region says where its object must be, in the same terms.
+region says where its object must be, in the same terms. In Flux's joint attention the words also see only the
+image tokens inside their box, as the control's hard mode has them at sampling time.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class RegionMaskedTraining(AttentionControl):
         self._owners: torch.Tensor | None = None  # [masked rows, text, O]
         self._hidden: torch.Tensor | None = None  # [masked rows, text, O]
         self._valid: torch.Tensor | None = None  # [masked rows, O]: which object slots are used
-        self._bias: dict[tuple[int, int], torch.Tensor] = {}
+        self._bias: dict[tuple, torch.Tensor] = {}  # per (grid, queries, keys), for this step
 
     def applies_to_layer(self, layer) -> bool:
         return super().applies_to_layer(layer) and layer.kind in ("cross", "joint")
