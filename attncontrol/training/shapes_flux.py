@@ -92,6 +92,12 @@ class Config(ShapesTrainingConfig):
     # stays inside the 90-minute budget on a slower CPU too. Per invocation: a resume gets its own.
     total_minutes: float = 89.0
     probe_every: int = 2000  # steps between detector probes (24 images each, time taken from the --minutes budget)
+    # Share of the captioned rows trained through the regional control's hard masks in the joint attention
+    # (attncontrol.training.layouts), from step ``region_start`` on; 0 turns it off. The shipped recipe's 0.35 from
+    # step 4000 took layouts from 2/120 to 40/120, two objects from 10/408 to 151/408 and single objects from 169/204
+    # to 179/204 (guidance 4): benchmarks/results/shapes-flux-bench-cpu.md.
+    region_fraction: float = 0.35
+    region_start: int = 4000  # see --region-fraction
     batch: int = 32  # rows per step
     lr: float = 1e-3  # learning rate (AdamW, after the warm-up)
     layers: int = 2  # dual-stream (MMDiT) blocks

@@ -312,7 +312,7 @@ def test_reflow_captions_per_noise_share_one_noise_between_captions(tmp_path, te
     with pytest.raises(ValueError, match="--reflow-captions-per-noise"):
         shapes_flux.main([
             "--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4", "--guidance-max", "6",
-            "--reflow-pairs", "4", "--reflow-captions-per-noise", "0",
+            "--reflow-pairs", "4", "--reflow-captions-per-noise", "0", "--region-fraction", "0",
         ])  # fmt: skip
 
 
@@ -333,7 +333,7 @@ def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, tea
     shapes_flux.main([
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "6", "--batch", "4",
         "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--guidance-min", "4",
-        "--guidance-max", "6", "--reflow-pairs", "6", "--reflow-steps", "2",
+        "--guidance-max", "6", "--reflow-pairs", "6", "--reflow-steps", "2", "--region-fraction", "0",
     ])  # fmt: skip
     pairs = torch.load(out / "reflow-pairs.pt", weights_only=False)
     assert pairs["done"] == 6 and not torch.allclose(pairs["sample"], pairs["noise"])
@@ -360,10 +360,14 @@ def test_reflow_training_rows_lie_between_a_pairs_noise_and_sample(tmp_path, tea
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--reflow-pairs", "4"])
     with pytest.raises(ValueError, match="--reflow-pairs"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
-                          "--guidance-max", "6", "--reflow-pairs", "40", "--pool-size", "20"])  # fmt: skip
+                          "--guidance-max", "6", "--reflow-pairs", "40", "--pool-size", "20",
+                          "--region-fraction", "0"])  # fmt: skip
     with pytest.raises(ValueError, match="--grounding-weight"):
         shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
                           "--guidance-max", "6", "--reflow-pairs", "4", "--grounding-weight", "0.1"])  # fmt: skip
+    with pytest.raises(ValueError, match="--region-fraction"):  # the Flux recipe's default masks read the scenes too
+        shapes_flux.main(["--out", str(tmp_path / "bad"), "--teacher", "shapes-sd", "--guidance-min", "4",
+                          "--guidance-max", "6", "--reflow-pairs", "4"])  # fmt: skip
 
 
 def test_reflow_data_below_takes_the_pools_scene_with_fresh_noise_at_clean_times(tmp_path, teacher, monkeypatch):
@@ -397,6 +401,7 @@ def test_reflow_data_below_takes_the_pools_scene_with_fresh_noise_at_clean_times
         "--out", str(out), "--teacher", "shapes-sd", "--steps", "2", "--pool-size", "6", "--batch", "4",
         "--probe-every", "1000", "--layers", "1", "--single-layers", "1", "--no-train-clip", "--guidance-min", "4",
         "--guidance-max", "6", "--reflow-pairs", "6", "--reflow-steps", "2", "--reflow-data-below", "0.5",
+        "--region-fraction", "0",
     ])  # fmt: skip
     pairs = torch.load(out / "reflow-pairs.pt", weights_only=False)
     noises, samples = shapes_flux.pack(pairs["noise"]), shapes_flux.pack(pairs["sample"])
