@@ -83,7 +83,8 @@ def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
     true CFG with an empty negative prompt; every Flux pipeline gets the T5 length its tokenizer was saved with; a
     guidance-distilled Flux (guidance embedding) and other pipelines take ``guidance_scale`` as is.
     """
-    if not type(pipe).__name__.startswith("Flux"):
+    # By the class hierarchy, not the own class name: the Regional* twins (RegionalFluxPipeline) are Flux pipelines.
+    if not any(klass.__name__.startswith("Flux") for klass in type(pipe).__mro__):
         return call_kwargs
     call_kwargs = dict(call_kwargs)
     # FluxPipeline pads T5 to 512 unless told: a model trained on 32 tokens would attend to 480 unseen pads.

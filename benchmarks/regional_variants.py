@@ -3,6 +3,7 @@
     python benchmarks/regional_variants.py --num-seeds 3
     python benchmarks/regional_variants.py --variants default self3 prompts
     python benchmarks/regional_variants.py --variants default optimized --model shapes-flux
+    python benchmarks/regional_variants.py --model shapes-flux --seed-offset 1000 --guidance-scale 4
 
 Prints, per variant, how many cases put every object in its box with the right colour and shape. The bench's
 ``layout`` task is the ``default`` variant; this script is for finding better settings before changing defaults.
@@ -16,10 +17,10 @@ import time
 import torch
 
 from attncontrol.controls import Region
-from attncontrol.models import family_call_kwargs, load_pipeline
+from attncontrol.models import load_pipeline
 from attncontrol.pipelines import to_regional
 from attncontrol.shapes import detect
-from attncontrol.shapes.bench import case_success, layout_cases, regions_for
+from attncontrol.shapes.bench import case_success, layout_cases, regional_call_kwargs, regions_for
 from attncontrol.shapes.losses import region_color_loss
 
 VARIANTS: dict[str, dict] = {
@@ -56,12 +57,16 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-sd")
     parser.add_argument("--num-seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="move every seed by N: choose settings on held-out seeds"
+    )
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
 
     pipe = to_regional(load_pipeline(args.model))
     groups: dict[tuple, list] = {}
-    for case in layout_cases(args.num_seeds):
+    for case in layout_cases(args.num_seeds, seed_offset=args.seed_offset):
         groups.setdefault((case.prompt, case.boxes), []).append(case)
     for name in args.variants:
         options = dict(VARIANTS[name])
@@ -89,7 +94,7 @@ def main() -> None:
                         num_inference_steps=args.steps,
                         height=64,
                         width=64,
-                        **family_call_kwargs(pipe, {"guidance_scale": 5.0}, 1),
+                        **regional_call_kwargs(pipe, {"guidance_scale": args.guidance_scale}, 1),
                         **optimize,
                         **options,
                     )
@@ -104,7 +109,7 @@ def main() -> None:
                 width=64,
                 num_images_per_prompt=len(cases),
                 generator=[torch.Generator().manual_seed(case.seed) for case in cases],
-                **family_call_kwargs(pipe, {"guidance_scale": 5.0}, len(cases)),
+                **regional_call_kwargs(pipe, {"guidance_scale": args.guidance_scale}, len(cases)),
                 **options,
             )
             placed += sum(case_success(case, detect(image)) for case, image in zip(cases, output.images, strict=True))

@@ -290,26 +290,34 @@ def generate_images(
     regional = None
     for chunk in tqdm(chunks, desc="bench", disable=not progress, unit="batch"):
         generators = [torch.Generator("cpu").manual_seed(case.seed) for case in chunk]
-        kwargs = family_call_kwargs(pipe, call_kwargs, len(chunk))
         if chunk[0].use_regions:
             if regional is None:
                 from attncontrol.pipelines.regional import to_regional  # diffusers pipelines: only when needed
 
                 regional = to_regional(pipe)
-            kwargs.pop("negative_prompt", None)
-            if "true_cfg_scale" in kwargs:
-                kwargs["negative_prompt"] = ""
             output = regional(
                 prompt=chunk[0].prompt,
                 regions=regions_for(chunk[0]),
                 num_images_per_prompt=len(chunk),
                 generator=generators,
-                **kwargs,
+                **regional_call_kwargs(pipe, call_kwargs, len(chunk)),
             )
         else:
+            kwargs = family_call_kwargs(pipe, call_kwargs, len(chunk))
             output = pipe(prompt=[case.prompt for case in chunk], generator=generators, **kwargs)
         images.extend(output.images)
     return images
+
+
+def regional_call_kwargs(pipe: Any, call_kwargs: dict, images: int) -> dict:
+    """:func:`~attncontrol.models.family_call_kwargs` for one regional call of one prompt x ``images`` images: a true-
+    CFG negative prompt is one string, which the pipeline repeats per image like the prompt (a list of one per image
+    would be repeated again, and its rows would no longer pair with the prompt's)."""
+    kwargs = family_call_kwargs(pipe, call_kwargs, images)
+    kwargs.pop("negative_prompt", None)
+    if "true_cfg_scale" in kwargs:
+        kwargs["negative_prompt"] = ""
+    return kwargs
 
 
 def _batch_key(case: BenchCase) -> tuple:
