@@ -388,8 +388,6 @@ def start_shapes_run(config_cls: type[ConfigT], description: str, argv: list[str
     from accelerate import Accelerator
 
     config, args = parse_config(config_cls, description, argv, extra=extra)
-    if not 0.0 <= config.region_fraction <= 1.0:
-        raise ValueError(f"`--region-fraction` must be in [0, 1] (0: off), got {config.region_fraction}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

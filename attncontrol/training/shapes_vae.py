@@ -80,6 +80,10 @@ class ShapesTrainingConfig:
     probe_every: int = 1000
     probe_steps: int = 20  # sampling steps per probe image
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.region_fraction <= 1.0:
+            raise ValueError(f"`--region-fraction` must be in [0, 1] (0: off), got {self.region_fraction}")
+
 
 def latent_grid(vae) -> int:
     """Side of the autoencoder's latent for a shapes-world scene (each block after the first halves it)."""
