@@ -76,6 +76,12 @@ def default_image_size(pipe: Any) -> tuple[int, int]:
     return side, side
 
 
+def is_flux_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` is a diffusers Flux pipeline, by its class hierarchy rather than its own class name: the
+    Regional*/Compose*/Drag* twins (``RegionalFluxPipeline``) are Flux pipelines too."""
+    return any(klass.__name__.startswith("Flux") for klass in type(pipe).__mro__)
+
+
 def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
     """Call arguments adapted to the pipeline's family, so one set of settings drives every shipped model.
 
@@ -83,8 +89,7 @@ def family_call_kwargs(pipe: Any, call_kwargs: dict, batch: int) -> dict:
     true CFG with an empty negative prompt; every Flux pipeline gets the T5 length its tokenizer was saved with; a
     guidance-distilled Flux (guidance embedding) and other pipelines take ``guidance_scale`` as is.
     """
-    # By the class hierarchy, not the own class name: the Regional* twins (RegionalFluxPipeline) are Flux pipelines.
-    if not any(klass.__name__.startswith("Flux") for klass in type(pipe).__mro__):
+    if not is_flux_pipeline(pipe):
         return call_kwargs
     call_kwargs = dict(call_kwargs)
     # FluxPipeline pads T5 to 512 unless told: a model trained on 32 tokens would attend to 480 unseen pads.

@@ -74,14 +74,14 @@ def distill(config: Config, resume: bool = False) -> dict:
 
     from attncontrol.controls.local import LocalWindowAttention
     from attncontrol.core.controller import AttentionController
-    from attncontrol.models import load_pipeline
+    from attncontrol.models import is_flux_pipeline, load_pipeline
     from attncontrol.training.shapes_flux import encode_text, image_ids, pack
 
     if not config.model:
         raise ValueError("--model is required: a Flux pipeline (local folder or hub id)")
     accelerator, out = start_run(config)
     pipe = load_pipeline(config.model)
-    if not hasattr(pipe, "transformer") or not type(pipe).__name__.startswith("Flux"):
+    if not hasattr(pipe, "transformer") or not is_flux_pipeline(pipe):
         raise ValueError(f"--model {config.model!r} is a {type(pipe).__name__}, not a Flux pipeline")
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)

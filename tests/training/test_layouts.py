@@ -58,6 +58,14 @@ def test_targets_and_regions_hold_every_object():
     assert regions.min() >= 0 and regions.max() <= 64 and (regions[:, :2] != box).any()
 
 
+def _cells_inside(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The inference rule, written out: the cells of ``grid`` at least half covered by the pixel ``box``."""
+    x0, y0, x1, y1 = box.tolist()
+    centres = torch.arange(64) + 0.5
+    plane = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
+    return resize_to_grid(plane.float(), grid).reshape(-1) >= 0.5
+
+
 def _unet():
     torch.manual_seed(0)
     return shapes_sd.build_unet((16, 16, 16), latent_channels=4, sample_size=32).eval()
@@ -81,13 +89,7 @@ def test_masked_rows_never_attend_an_object_word_outside_its_region():
         assert records
         for record in records:
             for slot, tokens in ((0, [2, 3]), (1, [6, 7])):
-                # The inference rule: cells at least half covered by the region's box.
-                x0, y0, x1, y1 = regions[slot].tolist()
-                plane = torch.zeros(64, 64)
-                centres = torch.arange(64) + 0.5
-                plane[(centres >= y0) & (centres < y1)] += 1
-                plane[:, (centres >= x0) & (centres < x1)] += 1
-                inside = resize_to_grid((plane == 2).float(), record.grid).reshape(-1) >= 0.5
+                inside = _cells_inside(regions[slot], record.grid)
                 assert inside.any() and (~inside).any()
                 assert record.probs[0][~inside][:, tokens].abs().max() == 0
                 assert record.probs[0][inside][:, tokens].min() > 0
@@ -167,10 +169,7 @@ def test_flux_masked_rows_hide_object_words_outside_their_regions_both_ways():
     for grid, query_segments, key_segments, probs in recorder.calls:
         text, image = key_segments["text"], key_segments["image"]
         for slot, tokens in enumerate(words):
-            x0, y0, x1, y1 = regions[slot].tolist()
-            centres = torch.arange(64) + 0.5
-            plane = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
-            inside = resize_to_grid(plane.float(), grid).reshape(-1) >= 0.5
+            inside = _cells_inside(regions[slot], grid)
             assert inside.any() and (~inside).any()
             image_to_words = probs[0][query_segments["image"]][:, [text.start + t for t in tokens]]
             words_to_image = probs[0][[query_segments["text"].start + t for t in tokens]][:, image]
